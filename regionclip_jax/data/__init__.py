@@ -1,0 +1,1 @@
+"""regionclip_jax.data."""

@@ -1,0 +1,252 @@
+"""Meshes, logical-axis rules and the one activation-sharding helper.
+
+Every parameter of our modules carries *logical* axis names (metadata `out_sharding`, set through
+`nnx.with_partitioning`), e.g. a text-MLP kernel is `('embed', 'mlp')`. A config maps logical names
+to mesh axes (`data`, `fsdp`, `model`) with a list of rules; this module turns those into
+`NamedSharding`s for parameters and constrains activations with `shard_act`.
+
+Conventions:
+  - Mesh axes are always `('data', 'fsdp', 'model')` (a size-1 axis costs nothing).
+  - A rule maps one logical name to a mesh axis, a tuple of mesh axes, or None (replicated).
+  - A mesh axis that does not divide an array dimension is dropped for that dimension (that
+    dimension is replicated instead), so tiny test models and odd channel counts (the 3-channel
+    stem) never fail to shard.
+
+Logical names used by the models:
+  parameters : `embed` (residual width), `mlp` (MLP hidden), `heads` (attention q/k/v width),
+               `vocab`, `conv_in`, `conv_out`, `kernel` (conv window), `pos` (positions),
+               `norm` (norm scale/bias), `proj` (output embedding dim)
+  activations: `act_batch`, `act_len`, `act_embed`, `act_mlp`, `act_heads`, `act_height`,
+               `act_width`, `act_channels`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+# Our variables carry logical names, not mesh axes: flax must not try to shard them at creation.
+flax.config.update("flax_always_shard_variable", False)
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
+
+AxisRule = tuple[str, str | tuple[str, ...] | None]
+
+# Data + FSDP by default: batch over (data, fsdp), large weight dims over fsdp, tensor-parallel
+# dims over model. With model=1 and fsdp=1 this is plain data parallelism.
+DEFAULT_RULES: tuple[AxisRule, ...] = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_mlp", "model"),
+    ("act_heads", "model"),
+    ("act_height", None),
+    ("act_width", None),
+    ("act_channels", None),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("vocab", "model"),
+    ("conv_in", "fsdp"),
+    ("conv_out", "model"),
+    ("kernel", None),
+    ("pos", None),
+    ("norm", None),
+    ("proj", None),
+)
+
+_CURRENT_RULES: contextvars.ContextVar[tuple[AxisRule, ...]] = contextvars.ContextVar(
+    "regionclip_jax_axis_rules", default=DEFAULT_RULES
+)
+
+
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int],
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """Builds a `('data', 'fsdp', 'model')` mesh with Auto (GSPMD-style) axis types.
+
+    Args:
+      shape: sizes per axis, as a mapping (`{'data': -1, 'model': 2}`; missing axes are 1) or a
+        sequence of three ints. At most one size may be -1: it takes the remaining devices.
+      devices: the devices to use (default: all of `jax.devices()`).
+
+    Returns:
+      A `jax.sharding.Mesh` over exactly `len(devices)` devices.
+
+    Raises:
+      ValueError: if the sizes do not multiply to the device count or name an unknown axis.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+        sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    else:
+        sizes = [int(s) for s in shape]
+        if len(sizes) != len(MESH_AXES):
+            raise ValueError(f"mesh shape {tuple(sizes)} must have {len(MESH_AXES)} entries")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or len(devices) % known:
+            raise ValueError(
+                f"cannot fill mesh {dict(zip(MESH_AXES, sizes))} from {len(devices)} devices"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+            f"but {len(devices)} are available"
+        )
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def mesh_from_config(config: Any) -> Mesh:
+    """A mesh from `config.mesh` (a mapping of axis name to size; -1 = the rest)."""
+    mesh_cfg = getattr(config, "mesh", None) or {"data": -1}
+    return make_mesh(dict(mesh_cfg))
+
+
+def rules_from_config(config: Any) -> tuple[AxisRule, ...]:
+    """Logical-axis rules from `config.axis_rules` (list of pairs), falling back to the defaults."""
+    rules = getattr(config, "axis_rules", None)
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((str(name), _as_axes(axes)) for name, axes in rules)
+
+
+def _as_axes(axes: Any) -> str | tuple[str, ...] | None:
+    if axes is None or isinstance(axes, str):
+        return axes
+    return tuple(axes)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Sequence[AxisRule]) -> Iterator[None]:
+    """Sets the logical-axis rules that `shard_act` and `logical_to_spec` use in this context."""
+    token = _CURRENT_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _CURRENT_RULES.reset(token)
+
+
+def current_rules() -> tuple[AxisRule, ...]:
+    return _CURRENT_RULES.get()
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | jax.sharding.AbstractMesh | None = None,
+    rules: Sequence[AxisRule] | None = None,
+) -> PartitionSpec:
+    """Maps logical axis names to a `PartitionSpec` over the mesh axes.
+
+    Args:
+      logical_axes: one logical name (or None) per array dimension.
+      shape: the array shape; with `mesh`, mesh axes that do not divide a dimension are dropped.
+      mesh: the mesh whose axis sizes are checked (optional).
+      rules: logical → mesh rules (default: the current rules).
+
+    Returns:
+      A PartitionSpec with one entry per dimension; each mesh axis is used at most once.
+    """
+    rule_map = dict(current_rules() if rules is None else rules)
+    used: set[str] = set()
+    entries: list[Any] = []
+    for dim, name in enumerate(logical_axes):
+        target = rule_map.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept: list[str] = []
+        for ax in axes:
+            if ax in used:
+                continue
+            if mesh is not None:
+                size = mesh.shape.get(ax, 1) if hasattr(mesh, "shape") else 1
+                if ax not in mesh.axis_names or size == 1:
+                    continue
+                if shape is not None:
+                    divisor = size * math.prod(mesh.shape[a] for a in kept)
+                    if shape[dim] % divisor:
+                        continue
+            kept.append(ax)
+        used.update(kept)
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*entries)
+
+
+def shard_act(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation's sharding by logical names; a no-op outside a mesh.
+
+    Args:
+      x: any array, e.g. `[B, H, W, C]` image features.
+      logical_axes: one logical name (or None) per dimension of `x`,
+        e.g. `('act_batch', 'act_height', 'act_width', 'act_channels')`.
+    """
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"got {len(logical_axes)} logical axes for an array of rank {x.ndim}")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _variable_logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    meta = variable.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        axes = meta.get(key)
+        if axes is not None:
+            return tuple(axes)
+    return None
+
+
+def logical_axes_of(tree: Any) -> Any:
+    """The logical axis names of every variable in an NNX module or state (None if missing)."""
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
+    return jax.tree.map(
+        _variable_logical_axes, state, is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )
+
+
+def state_shardings(
+    tree: Any, mesh: Mesh, rules: Sequence[AxisRule] | None = None
+) -> Any:
+    """`NamedSharding`s for every variable of an NNX module or state, from its annotations.
+
+    Variables without logical axis names are replicated. Returns a pytree shaped like
+    `nnx.state(tree)` whose leaves are shardings (suitable for `jax.jit(out_shardings=...)`,
+    `jax.device_put` or Orbax restore targets).
+    """
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
+
+    def one(variable: nnx.Variable) -> NamedSharding:
+        axes = _variable_logical_axes(variable)
+        shape = np.shape(variable.get_value())
+        if axes is None or len(axes) != len(shape):
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules: Sequence[AxisRule] | None = None) -> None:
+    """Places every variable of `module` on `mesh` as its annotations say (in place)."""
+    state = nnx.state(module)
+    shardings = state_shardings(state, mesh, rules)
+    nnx.update(module, jax.device_put(state, shardings))
