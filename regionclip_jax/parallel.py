@@ -90,7 +90,9 @@ def make_mesh(
     if isinstance(shape, Mapping):
         unknown = set(shape) - set(MESH_AXES)
         if unknown:
-            raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+            raise ValueError(
+                f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}"
+            )
         sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
     else:
         sizes = [int(s) for s in shape]
@@ -224,9 +226,7 @@ def logical_axes_of(tree: Any) -> Any:
     )
 
 
-def state_shardings(
-    tree: Any, mesh: Mesh, rules: Sequence[AxisRule] | None = None
-) -> Any:
+def state_shardings(tree: Any, mesh: Mesh, rules: Sequence[AxisRule] | None = None) -> Any:
     """`NamedSharding`s for every variable of an NNX module or state, from its annotations.
 
     Variables without logical axis names are replicated. Returns a pytree shaped like

@@ -1,0 +1,44 @@
+# Two commands (README): `make demo` sets up and runs the main job, `make test` sets up and runs the tests.
+# Each creates its own virtual environment; `make test-latest` is the second CI leg (Python 3.12, newest
+# jax/flax, no PyTorch references).
+
+PYTHON ?= python3
+VENV ?= .venv
+REQS ?= requirements-dev.txt
+PYTEST_ARGS ?=
+PY := $(VENV)/bin/python
+
+# pyenv shims need PYENV_VERSION; elsewhere the variable is ignored and python3.12 is found on PATH.
+PYTHON312 ?= env PYENV_VERSION=3.12.1 python3.12
+
+.PHONY: setup demo test test-latest lint format ci clean
+
+$(VENV)/.installed: $(REQS) requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r $(REQS)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m regionclip_jax.cli demo
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+test-latest:
+	$(MAKE) test PYTHON="$(PYTHON312)" VENV=.venv-latest REQS=requirements-latest.txt
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+ci: test test-latest
+
+clean:
+	rm -rf .venv .venv-latest .pytest_cache .ruff_cache
