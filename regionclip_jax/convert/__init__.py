@@ -1,1 +1,40 @@
-"""regionclip_jax.convert."""
+"""PyTorch checkpoints -> regionclip_jax models, and converted checkpoints on disk.
+
+  - `load_state_dict_file(path) -> {name: np.ndarray}`: OpenAI `.pt` (TorchScript), `torch.save`d
+    state dicts, `.npz`, `.safetensors`.
+  - `infer_config(sd)`, `clip_from_state_dict(sd) -> CLIP`, `clip_to_state_dict(model)`: OpenAI
+    CLIP names <-> our CLIP module.
+  - `save_clip(model, dir)`, `load_clip(dir) -> CLIP`: Orbax checkpoint + `model.json`.
+
+Names are imported lazily so that `regionclip_jax.convert.torch_files` (and the CLI's `--help`)
+do not pay for importing JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "clip_from_state_dict": "regionclip_jax.convert.state_dict",
+    "clip_to_state_dict": "regionclip_jax.convert.state_dict",
+    "infer_config": "regionclip_jax.convert.state_dict",
+    "load_state_dict_file": "regionclip_jax.convert.torch_files",
+    "CheckpointFormatError": "regionclip_jax.convert.torch_files",
+    "save_clip": "regionclip_jax.convert.checkpoint",
+    "load_clip": "regionclip_jax.convert.checkpoint",
+    "read_metadata": "regionclip_jax.convert.checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'regionclip_jax.convert' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = sorted(_LAZY)

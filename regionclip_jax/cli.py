@@ -1,0 +1,239 @@
+"""The `regionclip-jax` command.
+
+  regionclip-jax convert --input ViT-B-16.pt --output ckpt/vit_b16 [--overwrite]
+  regionclip-jax info ckpt/vit_b16
+
+Each subcommand is one function registered with `@command`; its argument set-up is a second small
+function. Heavy imports (JAX, torch) happen inside the subcommand, so `--help` stays fast.
+Expected failures (unreadable input, existing output, missing dependency) print one
+`regionclip-jax <cmd>: error: ...` line on stderr and exit 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+PROG = "regionclip-jax"
+EXIT_USER_ERROR = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, *, help: str, arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
+):
+    """Registers `run(args) -> exit code` as the subcommand `name`."""
+
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = Command(name, help, arguments, run)
+        return run
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        "-i",
+        required=True,
+        metavar="FILE",
+        help="OpenAI CLIP .pt (TorchScript), torch.save'd state dict (.pt/.pth), .npz or .safetensors",
+    )
+    p.add_argument(
+        "--output", "-o", required=True, metavar="DIR", help="checkpoint directory to write"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DIR")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow arbitrary pickled Python objects in a torch.save'd file (only for trusted files)",
+    )
+
+
+@command(
+    "convert",
+    help="convert a PyTorch CLIP checkpoint into a regionclip_jax checkpoint",
+    arguments=_convert_arguments,
+)
+def _convert(args: argparse.Namespace) -> int:
+    from regionclip_jax.convert.checkpoint import check_destination, read_metadata
+    from regionclip_jax.convert.torch_files import load_state_dict_file
+
+    # Fail before the (possibly long) conversion; save_clip checks again when writing.
+    check_destination(args.output, overwrite=args.overwrite)
+    sd = load_state_dict_file(args.input, trust_pickle=args.trust_pickle)
+
+    from regionclip_jax.convert.checkpoint import save_clip
+    from regionclip_jax.convert.state_dict import clip_from_state_dict, infer_config
+
+    config = infer_config(sd)
+    model = clip_from_state_dict(sd, config=config)
+    del sd  # the model holds its own copy; free the host arrays before writing
+    dest = save_clip(model, args.output, overwrite=args.overwrite, source=args.input)
+    print(f"Architecture: {_describe(config)}")
+    print(f"Parameters:   {read_metadata(dest)['param_count']:,}")
+    print(f"Wrote:        {dest}")
+    return 0
+
+
+def _describe(config) -> str:
+    from regionclip_jax.models.presets import PRESETS
+
+    name = next((n for n, c in PRESETS.items() if c == config), None)
+    return name if name else _describe_dict(config.to_dict(), None)
+
+
+def _describe_dict(cfg: dict, preset: str | None) -> str:
+    if preset:
+        return preset
+    if isinstance(cfg.get("vision_layers"), list):
+        vision = f"ModifiedResNet layers={tuple(cfg['vision_layers'])} width={cfg['vision_width']}"
+    else:
+        vision = (
+            f"ViT layers={cfg.get('vision_layers')} width={cfg.get('vision_width')} "
+            f"patch={cfg.get('vision_patch_size')}"
+        )
+    return (
+        f"custom (no OpenAI preset matches): {vision}, image {cfg.get('image_resolution')}px; "
+        f"text width={cfg.get('transformer_width')} layers={cfg.get('transformer_layers')} "
+        f"heads={cfg.get('transformer_heads')}; embed_dim={cfg.get('embed_dim')}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", metavar="DIR", help="a checkpoint written by `convert`")
+
+
+@command(
+    "info",
+    help="describe a converted checkpoint (reads model.json only)",
+    arguments=_info_arguments,
+)
+def _info(args: argparse.Namespace) -> int:
+    from regionclip_jax.convert.checkpoint import read_metadata
+
+    meta = read_metadata(args.directory)
+    cfg = meta["config"]
+    source = meta.get("source") or {}
+    rows = [
+        ("Model", meta["model_type"]),
+        ("Architecture", _describe_dict(cfg, meta.get("preset"))),
+        ("Parameters", f"{meta['param_count']:,}" if "param_count" in meta else "unknown"),
+        ("Source", source.get("file") or "unknown"),
+        ("Source sha256", source.get("sha256") or "unknown"),
+        ("Created", meta.get("created", "unknown")),
+        ("Written by", f"regionclip_jax {meta.get('regionclip_jax_version', '?')}"),
+        ("Format", f"{meta['format']} v{meta['format_version']}"),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<15}{value}")
+    print("Config:")
+    for key, value in cfg.items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes")
+    p.add_argument("--preset", default="RN50", help="CLIP architecture (random weights)")
+    p.add_argument("--num-scenes", type=int, default=16, help="ShapesWorld scenes to classify")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command(
+    "demo",
+    help="run the README's main job (interim: see the demo's first lines)",
+    arguments=_demo_arguments,
+)
+def _demo(args: argparse.Namespace) -> int:
+    from regionclip_jax import demo
+
+    demo.run(args.out, preset=args.preset, num_scenes=args.num_scenes, seed=args.seed)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="RegionCLIP in JAX: checkpoint conversion and inspection."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        # SUPPRESS keeps a --debug given before the subcommand from being reset here.
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
+        cmd.add_arguments(p)
+    return parser
+
+
+def _message(e: BaseException, max_lines: int = 4) -> str:
+    """`e` as one line: multi-line messages (e.g. lists of mismatched keys) are joined."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    text = "; ".join(lines[:max_lines])
+    if len(lines) > max_lines:
+        text += f"; ... ({len(lines) - max_lines} more; --debug shows all)"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line `argv` (default `sys.argv[1:]`); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    from regionclip_jax.convert.torch_files import CheckpointFormatError
+
+    try:
+        return COMMANDS[args.command].run(args)
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: stop quietly, and keep Python's exit-time flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (CheckpointFormatError, OSError, ValueError, ImportError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG} {args.command}: error: {_message(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
