@@ -156,6 +156,27 @@ def _info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# shapesworld
+
+
+def _shapesworld_arguments(p: argparse.ArgumentParser) -> None:
+    from regionclip_jax.data.commands import add_shapesworld_arguments
+
+    add_shapesworld_arguments(p)
+
+
+@command(
+    "shapesworld",
+    help="generate the ShapesWorld data set (shards + COCO json)",
+    arguments=_shapesworld_arguments,
+)
+def _shapesworld(args: argparse.Namespace) -> int:
+    from regionclip_jax.data.commands import shapesworld_command
+
+    return shapesworld_command(args)
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 
