@@ -32,13 +32,17 @@ def main(argv: list[str] | None = None) -> None:
     import open_clip
     import torch
 
-    from regionclip_jax.convert import clip_from_state_dict
+    from regionclip_jax.convert import clip_from_state_dict, infer_config
 
     torch.manual_seed(0)
     ref = open_clip.create_model(args.model, pretrained=None).eval()
     res = ref.visual.image_size
     res = res[0] if isinstance(res, tuple | list) else res
-    ours = clip_from_state_dict(ref.state_dict(), dtype=jnp.dtype(args.dtype))
+    act = type(ref.transformer.resblocks[0].mlp.gelu).__name__
+    config = infer_config(
+        ref.state_dict(), activation="quick_gelu" if act == "QuickGELU" else "gelu"
+    )
+    ours = clip_from_state_dict(ref.state_dict(), config=config, dtype=jnp.dtype(args.dtype))
 
     images = np.random.default_rng(0).standard_normal((args.batch, res, res, 3), np.float32)
     images_nchw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())

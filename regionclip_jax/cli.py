@@ -62,6 +62,14 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DIR")
     p.add_argument(
+        "--activation",
+        choices=["quick_gelu", "gelu"],
+        default="quick_gelu",
+        help="MLP activation the weights were trained with: quick_gelu for OpenAI's models and "
+        "open_clip's RN / *-quickgelu configs, gelu for open_clip's own ViT trainings "
+        "(a state dict does not record it; default: quick_gelu)",
+    )
+    p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow arbitrary pickled Python objects in a torch.save'd file (only for trusted files)",
@@ -84,7 +92,7 @@ def _convert(args: argparse.Namespace) -> int:
     from regionclip_jax.convert.checkpoint import save_clip
     from regionclip_jax.convert.state_dict import clip_from_state_dict, infer_config
 
-    config = infer_config(sd)
+    config = infer_config(sd, activation=args.activation)
     model = clip_from_state_dict(sd, config=config)
     del sd  # the model holds its own copy; free the host arrays before writing
     dest = save_clip(model, args.output, overwrite=args.overwrite, source=args.input)

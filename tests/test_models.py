@@ -103,14 +103,17 @@ def randomize_(torch_model, seed: int = 1) -> None:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
 
 
-def open_clip_model(embed_dim: int, vision_cfg: dict, text_cfg: dict, seed: int = 0):
+def open_clip_model(
+    embed_dim: int, vision_cfg: dict, text_cfg: dict, seed: int = 0, quick_gelu: bool = True
+):
     import open_clip
     import torch
 
     torch.manual_seed(seed)
-    model = open_clip.model.CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=True).eval()
+    model = open_clip.model.CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu).eval()
     # OpenAI's models use QuickGELU; open_clip's default is nn.GELU.
-    assert type(model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    expected = "QuickGELU" if quick_gelu else "GELU"
+    assert type(model.transformer.resblocks[0].mlp.gelu).__name__ == expected
     randomize_(model, seed + 1)
     return model
 
@@ -297,6 +300,19 @@ def test_tiny_resnet_clip_matches_open_clip():
 
 
 @pytest.mark.torch_ref
+def test_gelu_activation_option_matches_open_clip_gelu_models():
+    """open_clip's own ViT trainings use exact GELU; the shapes cannot tell, the option must."""
+    tm = open_clip_model(32, TINY_VIT_VISION, TINY_TEXT_VIT, quick_gelu=False)
+    sd = tm.state_dict()
+    heads = TINY_TEXT_VIT["heads"]
+    check_clip_parity(tm, infer_config(sd, transformer_heads=heads, activation="gelu"), 1e-5)
+    # The default (QuickGELU) on the same weights is measurably wrong: the option is load-bearing.
+    with pytest.raises(AssertionError):
+        check_clip_parity(tm, infer_config(sd, transformer_heads=heads), 1e-3)
+    with pytest.raises(ValueError, match="activation"):
+        infer_config(sd, activation="relu")
+
+
 def test_tiny_vit_clip_matches_open_clip():
     import torch
 

@@ -126,7 +126,10 @@ def _count_indices(keys: list[str], pattern: str) -> int:
 
 
 def infer_config(
-    state_dict: Mapping[str, Any], *, transformer_heads: int | None = None
+    state_dict: Mapping[str, Any],
+    *,
+    transformer_heads: int | None = None,
+    activation: str = "quick_gelu",
 ) -> CLIPConfig:
     """The `CLIPConfig` implied by a state dict's shapes (like OpenAI's `build_model`).
 
@@ -134,6 +137,8 @@ def infer_config(
       state_dict: OpenAI / open_clip names -> arrays or tensors (only shapes are read).
       transformer_heads: text heads; default `transformer_width // 64` (OpenAI's rule, which the
         state dict cannot confirm: heads leave no trace in the shapes).
+      activation: "quick_gelu" (OpenAI's models; open_clip RN and `*-quickgelu` configs) or
+        "gelu" (open_clip's own trainings of ViTs); the shapes cannot tell them apart.
 
     Raises:
       ValueError: naming the missing or inconsistent key.
@@ -197,6 +202,7 @@ def infer_config(
         transformer_width=text_width,
         transformer_heads=heads,
         transformer_layers=text_layers,
+        activation=activation,
     )
 
 

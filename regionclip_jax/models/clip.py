@@ -50,6 +50,7 @@ def build_visual(
         config.vision_layers,
         config.vision_heads,
         config.embed_dim,
+        activation=config.activation,
         **kw,
     )
 

@@ -130,6 +130,15 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def activation_fn(name: str):
+    """The MLP activation named in `CLIPConfig.activation` ("quick_gelu" or exact "gelu")."""
+    if name == "quick_gelu":
+        return quick_gelu
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu' or 'gelu'")
+
+
 class FrozenBatchNorm(nnx.Module):
     """Detectron2 `FrozenBatchNorm2d`: a fixed per-channel affine map, never updated.
 
@@ -251,7 +260,7 @@ class MultiHeadAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """`c_fc` (W -> hidden), QuickGELU, `c_proj` (hidden -> W)."""
+    """`c_fc` (W -> hidden), activation (QuickGELU by default), `c_proj` (hidden -> W)."""
 
     def __init__(
         self,
@@ -260,17 +269,19 @@ class MLP(nnx.Module):
         *,
         fc_std: float | None = None,
         proj_std: float | None = None,
+        activation: str = "quick_gelu",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.activation = activation_fn(activation)
         self.c_fc = linear(width, hidden, axes=("embed", "mlp"), std=fc_std, **kw)
         self.c_proj = linear(hidden, width, axes=("mlp", "embed"), std=proj_std, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: `[B, L, W]` -> `[B, L, W]`."""
-        h = shard_act(quick_gelu(self.c_fc(x)), ("act_batch", "act_len", "act_mlp"))
+        h = shard_act(self.activation(self.c_fc(x)), ("act_batch", "act_len", "act_mlp"))
         return self.c_proj(h)
 
 
@@ -286,6 +297,7 @@ class ResidualAttentionBlock(nnx.Module):
         attn_std: float | None = None,
         proj_std: float | None = None,
         fc_std: float | None = None,
+        activation: str = "quick_gelu",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -294,7 +306,9 @@ class ResidualAttentionBlock(nnx.Module):
         self.ln_1 = LayerNorm(width, param_dtype=param_dtype)
         self.attn = MultiHeadAttention(width, heads, attn_std=attn_std, proj_std=proj_std, **kw)
         self.ln_2 = LayerNorm(width, param_dtype=param_dtype)
-        self.mlp = MLP(width, width * mlp_ratio, fc_std=fc_std, proj_std=proj_std, **kw)
+        self.mlp = MLP(
+            width, width * mlp_ratio, fc_std=fc_std, proj_std=proj_std, activation=activation, **kw
+        )
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """x: `[B, L, W]` -> `[B, L, W]`."""
@@ -316,6 +330,7 @@ class Transformer(nnx.Module):
         layers: int,
         heads: int,
         *,
+        activation: str = "quick_gelu",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -331,6 +346,7 @@ class Transformer(nnx.Module):
                     attn_std=attn_std,
                     proj_std=proj_std,
                     fc_std=fc_std,
+                    activation=activation,
                     dtype=dtype,
                     param_dtype=param_dtype,
                     rngs=rngs,

@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+ACTIVATIONS = ("quick_gelu", "gelu")
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
@@ -28,6 +30,9 @@ class CLIPConfig:
       transformer_width: text transformer width W.
       transformer_heads: text attention heads.
       transformer_layers: text transformer blocks.
+      activation: MLP activation of both transformers: "quick_gelu" (OpenAI's released models
+        and open_clip's `*-quickgelu`/RN configs) or "gelu" (exact erf GELU, open_clip's default for
+        models it trained itself). A state dict does not record it: pass it when converting.
     """
 
     embed_dim: int
@@ -40,6 +45,7 @@ class CLIPConfig:
     transformer_width: int = 512
     transformer_heads: int = 8
     transformer_layers: int = 12
+    activation: str = "quick_gelu"
 
     def __post_init__(self):
         # Lists (e.g. from JSON) become tuples so the config stays hashable.
@@ -56,6 +62,8 @@ class CLIPConfig:
             object.__setattr__(self, "vision_layers", int(self.vision_layers))
             if self.vision_patch_size is None:
                 raise ValueError("a ViT config (int vision_layers) needs vision_patch_size")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.transformer_width % self.transformer_heads:
             raise ValueError(
                 f"transformer_width {self.transformer_width} is not divisible by "

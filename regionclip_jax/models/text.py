@@ -67,6 +67,7 @@ def text_modules(
         width,
         config.transformer_layers,
         config.transformer_heads,
+        activation=config.activation,
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,

@@ -30,6 +30,7 @@ class VisionTransformer(nnx.Module):
         heads: int,
         output_dim: int,
         *,
+        activation: str = "quick_gelu",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -61,7 +62,13 @@ class VisionTransformer(nnx.Module):
         )
         self.ln_pre = LayerNorm(width, param_dtype=param_dtype)
         self.transformer = Transformer(
-            width, layers, heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            width,
+            layers,
+            heads,
+            activation=activation,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.ln_post = LayerNorm(width, param_dtype=param_dtype)
         self.proj = nnx.Param(
