@@ -185,6 +185,44 @@ def _shapesworld(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# make-shards, concepts
+
+
+def _make_shards_arguments(p: argparse.ArgumentParser) -> None:
+    from regionclip_jax.data.commands import add_make_shards_arguments
+
+    add_make_shards_arguments(p)
+
+
+@command(
+    "make-shards",
+    help="convert image-text or detection data (JSONL/TSV/CSV, img2dataset tars, COCO, LVIS) to shards",
+    arguments=_make_shards_arguments,
+)
+def _make_shards(args: argparse.Namespace) -> int:
+    from regionclip_jax.data.commands import make_shards_command
+
+    return make_shards_command(args)
+
+
+def _concepts_arguments(p: argparse.ArgumentParser) -> None:
+    from regionclip_jax.data.commands import add_concepts_arguments
+
+    add_concepts_arguments(p)
+
+
+@command(
+    "concepts",
+    help="frequent object concepts of a caption corpus (the concept pool)",
+    arguments=_concepts_arguments,
+)
+def _concepts(args: argparse.Namespace) -> int:
+    from regionclip_jax.data.commands import concepts_command
+
+    return concepts_command(args)
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 

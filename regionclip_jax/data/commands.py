@@ -113,3 +113,145 @@ def format_shapesworld_summary(out: str, summary: dict) -> str:
         f"min_size={size}, max_size={size})"
     )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# make-shards
+
+
+def add_make_shards_arguments(p: argparse.ArgumentParser) -> None:
+    """`make-shards imagetext ...` / `make-shards detection ...`."""
+    sub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    it = sub.add_parser(
+        "imagetext",
+        help="images + captions: JSONL/TSV/CSV list, folder, img2dataset tars, COCO captions",
+        description="Converts image-text data to shards (regionclip_jax.data.convert_imagetext).",
+    )
+    it.add_argument("inputs", nargs="+", help="list file(s), tar files or globs, a folder, a json")
+    it.add_argument(
+        "--format",
+        choices=("auto", "list", "folder", "webdataset", "coco_captions"),
+        default="auto",
+    )
+    it.add_argument("--image-root", help="folder relative image paths point into")
+    it.add_argument("--part-size", type=int, default=5000, help="images per part (list inputs)")
+    _common_shard_arguments(it)
+    det = sub.add_parser(
+        "detection",
+        help="COCO-format instances json (own data sets too) or LVIS v1 json",
+        description="Converts detection annotations to shards (convert_detection).",
+    )
+    det.add_argument("--annotations", required=True, metavar="JSON")
+    det.add_argument("--image-root", required=True, metavar="DIR")
+    det.add_argument("--split", choices=("coco48_17", "lvis"), help="open-vocabulary split")
+    det.add_argument("--keep", choices=("all", "base", "novel"), default="all")
+    det.add_argument(
+        "--empty-images",
+        choices=("keep", "skip"),
+        default="keep",
+        help="images without a (kept) box: keep (evaluation) or skip (OVR-CNN training json)",
+    )
+    det.add_argument("--unknown-categories", choices=("drop", "error"), default="drop")
+    det.add_argument("--part-size", type=int, default=2000, help="images per part")
+    det.add_argument("--min-box-size", type=float, default=0.0, metavar="PX")
+    _common_shard_arguments(det)
+
+
+def _common_shard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", "-o", required=True, metavar="DIR")
+    p.add_argument("--source", help="the records' source field (default: the format / json name)")
+    p.add_argument("--workers", type=int, default=0, metavar="K", help="worker processes")
+    p.add_argument(
+        "--no-resume", action="store_true", help="rewrite parts already complete in --out"
+    )
+    p.add_argument(
+        "--no-check-images", action="store_true", help="read image headers only (faster)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def make_shards_command(args: argparse.Namespace) -> int:
+    """Runs a converter with a progress bar; prints the summary; returns 0."""
+    from tqdm import tqdm
+
+    from regionclip_jax.data.convert_imagetext import format_summary
+
+    with tqdm(
+        unit="img", desc=f"make-shards {args.kind}", disable=args.quiet, file=sys.stderr
+    ) as bar:
+        common = dict(
+            source=args.source,
+            part_size=args.part_size,
+            num_workers=args.workers,
+            resume=not args.no_resume,
+            check_images=not args.no_check_images,
+            progress=bar.update,
+            set_total=lambda n: setattr(bar, "total", n),
+        )
+        if args.kind == "imagetext":
+            from regionclip_jax.data.convert_imagetext import convert_imagetext
+
+            manifest = convert_imagetext(
+                args.inputs,
+                args.out,
+                input_format=args.format,
+                image_root=args.image_root,
+                **common,
+            )
+        else:
+            from regionclip_jax.data.convert_detection import convert_detection
+
+            manifest = convert_detection(
+                args.annotations,
+                args.image_root,
+                args.out,
+                split=args.split,
+                keep=args.keep,
+                empty_images=args.empty_images,
+                unknown_categories=args.unknown_categories,
+                min_box_size=args.min_box_size,
+                **common,
+            )
+    print(format_summary(args.out, manifest))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# concepts
+
+
+def add_concepts_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "inputs", nargs="+", help="shard folders, COCO captions json, JSONL or text (one per line)"
+    )
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="concept file to write")
+    p.add_argument(
+        "--min-count", type=int, default=100, help="keep concepts mentioned this often (paper: 100)"
+    )
+    p.add_argument("--max-concepts", type=int, default=None, help="keep at most this many")
+    p.add_argument(
+        "--method",
+        choices=("auto", "spacy", "rules"),
+        default="auto",
+        help="auto: spaCy noun chunks when an English model is installed, else the rules",
+    )
+
+
+def concepts_command(args: argparse.Namespace) -> int:
+    """Builds the concept pool; prints a summary; returns 0."""
+    from regionclip_jax.data.concepts import build_concept_pool
+
+    s = build_concept_pool(
+        args.inputs,
+        args.out,
+        min_count=args.min_count,
+        method=args.method,
+        max_concepts=args.max_concepts,
+    )
+    top = ", ".join(f"{c} ({n})" for c, n in s["top"])
+    print(
+        f"{s['concepts']:,} concepts (of {s['distinct']:,} distinct, count >= {s['min_count']}) "
+        f"from {s['captions']:,} captions by {s['method']} -> {s['output']} "
+        f"(+ {s['output']}.counts.tsv)\n  most frequent: {top or 'none'}"
+    )
+    return 0

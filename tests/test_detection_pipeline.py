@@ -1,0 +1,229 @@
+"""Detection pipeline: COCO json -> converter -> pipeline round trip, repeat factors, determinism,
+exact resume (also with worker processes), process sharding, tfds source.
+
+References are independent: pixels from PIL (bicubic resize of the source PNG), boxes from the
+COCO json (xywh -> xyxy, scaled and mirrored here with NumPy), repeat factors from the formula of
+detectron2's RepeatFactorTrainingSampler written out below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from regionclip_jax.data import shapesworld
+from regionclip_jax.data.convert_detection import convert_detection
+from regionclip_jax.data.detection_pipeline import (
+    RepeatFactorSampler,
+    make_detection_dataset,
+    repeat_factor_epoch,
+    repeat_factors,
+)
+
+N = 12
+SIZES = (48, 56, 64)
+CANVAS = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("det")
+    shapesworld.generate(
+        str(root / "sw"), num_train=N, num_val=0, seed=2, image_size=64, write_images=True
+    )
+    ann = root / "sw" / "annotations" / "instances_train.json"
+    out = root / "shards"
+    convert_detection(str(ann), str(root / "sw" / "images"), str(out), part_size=5)
+    return out, json.loads(ann.read_text()), root / "sw" / "images"
+
+
+def _ds(d, **kw):
+    args = dict(
+        batch_size=3,
+        canvas=CANVAS,
+        train_sizes=SIZES,
+        max_size=64,
+        max_boxes=6,
+        seed=1,
+        normalize=False,
+    )
+    args.update(kw)
+    return make_detection_dataset(d, **args)
+
+
+def _take(ds, n, state=None):
+    it = iter(ds)
+    if state is not None:
+        it.set_state(state)
+    out = [{k: np.array(v) for k, v in next(it).items()} for _ in range(n)]
+    it.close()
+    return out
+
+
+def test_round_trip_pixels_and_boxes(coco):
+    d, data, img_root = coco
+    images = {i + 0: im for i, im in enumerate(data["images"])}
+    batches = _take(_ds(d, num_epochs=1, shuffle=False), N // 3)
+    seen_sizes = set()
+    for b in batches:
+        for j in range(3):
+            idx = int(b["source_index"][j])
+            im = images[idx]  # the converter keeps the json's image order
+            src = np.asarray(Image.open(img_root / im["file_name"]).convert("RGB"))
+            h, w = (int(v) for v in b["image_hw"][j])
+            assert h == w and h in SIZES  # square images: shorter side = the chosen size
+            seen_sizes.add(h)
+            want = np.asarray(Image.fromarray(src).resize((w, h), Image.BICUBIC))
+            if b["flipped"][j]:
+                want = want[:, ::-1]
+            np.testing.assert_array_equal(b["images"][j, :h, :w], want)
+            assert not b["images"][j, h:].any() and not b["images"][j, :, w:].any()
+            anns = [a for a in data["annotations"] if a["image_id"] == im["id"]][:6]
+            s = h / 64
+            exp = np.array(
+                [
+                    [x * s, y * s, (x + bw) * s, (y + bh) * s]
+                    for x, y, bw, bh in (a["bbox"] for a in anns)
+                ]
+            ).reshape(-1, 4)
+            if b["flipped"][j]:
+                exp = np.stack([w - exp[:, 2], exp[:, 1], w - exp[:, 0], exp[:, 3]], 1)
+            k = len(anns)
+            np.testing.assert_allclose(b["boxes"][j, :k], exp, rtol=1e-5, atol=1e-4)
+            assert b["box_mask"][j].tolist() == [True] * k + [False] * (6 - k)
+            assert b["labels"][j, :k].tolist() == [a["category_id"] for a in anns]
+            assert (b["labels"][j, k:] == -1).all() and not b["boxes"][j, k:].any()
+    assert len(seen_sizes) > 1  # multi-scale
+
+
+def _reference_factors(cat_sets, t):
+    n = len(cat_sets)
+    f = {}
+    for cats in cat_sets:
+        for c in set(cats):
+            f[c] = f.get(c, 0) + 1 / n
+    rc = {c: max(1.0, math.sqrt(t / fc)) for c, fc in f.items()}
+    return [max([rc[c] for c in cats], default=1.0) for cats in cat_sets]
+
+
+def test_repeat_factors_follow_the_formula_and_stochastic_rounding():
+    rng = np.random.default_rng(0)
+    cat_sets = [list(rng.choice(20, rng.integers(0, 4), replace=False)) for _ in range(200)]
+    cat_sets[0] = [99]  # a rare category: r = sqrt(0.3 / (1/200)) ~ 7.7
+    t = 0.3
+    got = repeat_factors(cat_sets, t)
+    np.testing.assert_allclose(got, _reference_factors(cat_sets, t))
+    counts = []
+    for e in range(300):
+        idx = repeat_factor_epoch(got, seed=4, epoch=e)
+        c = np.bincount(idx, minlength=len(got))
+        assert ((c == np.floor(got)) | (c == np.floor(got) + 1)).all()
+        counts.append(c)
+    mean = np.mean(counts, axis=0)
+    assert np.abs(mean - got).max() < 0.15  # stochastic rounding is unbiased
+    # Processes take disjoint slices of the same epoch list that together cover it.
+    s = [
+        RepeatFactorSampler(got, seed=4, shard_index=i, shard_count=3, num_epochs=2)
+        for i in range(3)
+    ]
+    full = np.concatenate([repeat_factor_epoch(got, 4, 0), repeat_factor_epoch(got, 4, 1)])
+    parts = [[s[i][k] for k in range(len(s[i]))] for i in range(3)]
+    assert sum(len(p) for p in parts) == len(full)
+    assert sorted(sum(parts, [])) == sorted(full.tolist())
+
+
+def test_repeat_factor_pipeline_epoch_counts(coco):
+    d, data, _ = coco
+    per_image = [
+        sorted({a["category_id"] for a in data["annotations"] if a["image_id"] == im["id"]})
+        for im in data["images"]
+    ]
+    r = np.array(_reference_factors(per_image, 0.9))
+    assert r.max() > 1.5  # some images are repeated
+    ds = _ds(d, repeat_threshold=0.9, num_epochs=1, batch_size=1, drop_remainder=False)
+    it = iter(ds)
+    idx = np.array([int(b["source_index"][0]) for b in it])
+    c = np.bincount(idx, minlength=N)
+    assert ((c == np.floor(r)) | (c == np.floor(r) + 1)).all(), (c, r)
+
+
+def test_determinism_resume_and_sharding(coco):
+    d, _, _ = coco
+    a, b = _take(_ds(d), 6), _take(_ds(d), 6)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    it = iter(_ds(d, repeat_threshold=0.5))
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    want = [{k: np.array(v) for k, v in next(it).items()} for _ in range(4)]
+    it.close()
+    got = _take(_ds(d, repeat_threshold=0.5), 4, state=state)
+    for x, y in zip(want, got):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    shares = [
+        np.concatenate(
+            [
+                x["source_index"]
+                for x in _take(_ds(d, shard_index=i, shard_count=2, num_epochs=1, batch_size=2), 3)
+            ]
+        )
+        for i in range(2)
+    ]
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(np.concatenate(shares)) == list(range(N))
+
+
+@pytest.mark.slow
+def test_resume_with_worker_processes(coco):
+    d, _, _ = coco
+    make = lambda: _ds(d, num_workers=2, batch_size=2, repeat_threshold=0.5)
+    it = iter(make())
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    want = [{k: np.array(v) for k, v in next(it).items()} for _ in range(3)]
+    it.close()
+    got = _take(make(), 3, state=state)
+    for x, y in zip(want, got):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_tfds_source_feeds_the_pipeline(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from regionclip_jax.data.tfds_shapesworld import TfdsDetectionSource, build_shapesworld_tfds
+
+    builder = build_shapesworld_tfds(tmp_path, num_train=4, num_val=0, seed=0, image_size=32)
+    src = TfdsDetectionSource(
+        builder.as_data_source(decoders={"image": tfds.decode.SkipDecoding()})["train"],
+        label_offset=1,
+    )
+    (b,) = _take(
+        make_detection_dataset(
+            source=src,
+            batch_size=4,
+            canvas=(32, 32),
+            train_sizes=(32,),
+            max_size=32,
+            max_boxes=6,
+            num_epochs=1,
+            flip=False,
+            normalize=False,
+        ),
+        1,
+    )
+    for j in range(4):
+        rid = int(src.record(int(b["source_index"][j]))["id"].split("-")[1])
+        scene = shapesworld.render_scene(
+            rid, seed=0, config=shapesworld.ShapesWorldConfig(image_size=32)
+        )
+        np.testing.assert_array_equal(b["images"][j], scene.image)
+        k = len(scene.kept)
+        np.testing.assert_allclose(b["boxes"][j, :k], [o.box for o in scene.kept][:6], atol=1e-4)
