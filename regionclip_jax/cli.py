@@ -223,6 +223,46 @@ def _concepts(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# zero-shot region recognition: embed-text, region-features, classify, convert-regionclip
+
+
+def _register_inference_commands() -> None:
+    # regionclip_jax.inference.commands imports only argparse/json/os at load: --help stays fast.
+    from regionclip_jax.inference import commands as inference
+
+    for name, help_text, add_arguments, run in (
+        (
+            "embed-text",
+            "prompt-ensemble text embeddings of a vocabulary (.npy)",
+            inference.add_embed_text_arguments,
+            inference.run_embed_text,
+        ),
+        (
+            "region-features",
+            "RegionCLIP region embeddings of boxes in an image (.npy)",
+            inference.add_region_features_arguments,
+            inference.run_region_features,
+        ),
+        (
+            "classify",
+            "zero-shot classification of boxes in images with your own words (JSON + picture)",
+            inference.add_classify_arguments,
+            inference.run_classify,
+        ),
+        (
+            "convert-regionclip",
+            "convert a RegionCLIP detectron2 .pth into a regionclip_jax checkpoint",
+            inference.add_convert_regionclip_arguments,
+            inference.run_convert_regionclip,
+        ),
+    ):
+        command(name, help=help_text, arguments=add_arguments)(run)
+
+
+_register_inference_commands()
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 
@@ -250,7 +290,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="RegionCLIP in JAX: checkpoint conversion and inspection."
+        prog=PROG, description="RegionCLIP in JAX: data, checkpoints, zero-shot region recognition."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -42,7 +42,7 @@ from regionclip_jax.parallel import shard_act
 
 def _roi_align(*args, **kwargs):
     # Imported at call time: the op module is only loaded when regions are pooled.
-    from regionclip_jax.ops.roi_align import roi_align
+    from regionclip_jax.ops import roi_align
 
     return roi_align(*args, **kwargs)
 
@@ -222,6 +222,9 @@ class RegionEncoder(nnx.Module):
         """
         b, r = boxes.shape[:2]
         p = self.pooler_resolution
+        n, chunk = b * r, self.box_chunk
+        if chunk is not None and chunk < n and n % chunk:
+            raise ValueError(f"B*R = {n} boxes is not a multiple of box_chunk = {chunk}")
         crops = _roi_align(
             feature_map,
             boxes.astype(jnp.float32),
@@ -232,13 +235,9 @@ class RegionEncoder(nnx.Module):
         )
         crops = crops.reshape(b * r, p, p, feature_map.shape[-1]).astype(feature_map.dtype)
         crops = shard_act(crops, ("act_batch", "act_height", "act_width", "act_channels"))
-        n = b * r
-        chunk = self.box_chunk
         if chunk is None or chunk >= n:
             out = self._head(crops)
         else:
-            if n % chunk:
-                raise ValueError(f"B*R = {n} boxes is not a multiple of box_chunk = {chunk}")
             out = jax.lax.map(self._head, crops.reshape(n // chunk, chunk, p, p, -1))
             out = out.reshape(n, -1)
         return out.reshape(b, r, -1)

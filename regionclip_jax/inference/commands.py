@@ -1,0 +1,332 @@
+"""Inference subcommands of `regionclip-jax` (registered in cli.py).
+
+  regionclip-jax embed-text --checkpoint DIR --vocabulary words.txt|"cat,dog" --out emb.npy
+  regionclip-jax region-features --checkpoint DIR --image IMG --boxes boxes.json --out feats.npy
+  regionclip-jax classify --checkpoint DIR --image IMG [IMG ...] --boxes boxes.json \
+      --vocabulary words.txt|"cat,dog" --out dets.json [--vis out.png|DIR]
+  regionclip-jax convert-regionclip --input regionclip_pretrained-cc_rn50.pth --output DIR \
+      --trust-pickle
+
+Each command is `add_<name>_arguments(parser)` + `run_<name>(args) -> exit code`. Expected
+failures raise ValueError / OSError (cli.main prints one line and exits 2); `main(argv)` here
+does the same for `python -m regionclip_jax.inference.commands`.
+
+boxes.json: absolute xyxy pixels of the original image, either a list `[[x1, y1, x2, y2], ...]`,
+`{"boxes": [...]}`, or, for several images, `{"<file name or path>": [[...], ...], ...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        "-c",
+        required=True,
+        metavar="DIR",
+        help="converted RegionCLIP or CLIP checkpoint directory",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        default="default",
+        help="text-embedding cache (default $REGIONCLIP_JAX_CACHE or ~/.cache/...)",
+    )
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-size", type=int, default=800, help="shortest edge after resize")
+    p.add_argument("--max-size", type=int, default=1333, help="longest edge cap")
+    p.add_argument(
+        "--clip-boxes",
+        action="store_true",
+        help="clip boxes to the image instead of rejecting those that extend past it",
+    )
+
+
+def _load_model(args):
+    from regionclip_jax.inference.recognizer import RegionCLIP
+
+    cache = None if args.cache_dir in ("none", "") else args.cache_dir
+    return RegionCLIP.from_checkpoint(
+        args.checkpoint,
+        min_size=getattr(args, "min_size", 800),
+        max_size=getattr(args, "max_size", 1333),
+        cache_dir=cache,
+    )
+
+
+def read_boxes(path: str | os.PathLike, images: Sequence[str]) -> dict[str, list]:
+    """boxes.json -> {image path: [[x1, y1, x2, y2], ...]} for each of `images`.
+
+    Raises:
+      ValueError: not JSON, a wrong structure, or no boxes for one of the images.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(data, dict) and "boxes" in data and len(data) == 1:
+        data = data["boxes"]
+    if isinstance(data, list):
+        return {img: data for img in images}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a list of boxes or a {{image: boxes}} object")
+    out = {}
+    for img in images:
+        for key in (img, os.path.basename(img)):
+            if key in data:
+                out[img] = data[key]
+                break
+        else:
+            raise ValueError(f"{path} has no boxes for image {img!r} (keys: file name or path)")
+    return out
+
+
+# ----------------------------------------------------------------------------------- embed-text
+
+
+def add_embed_text_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument(
+        "--vocabulary",
+        "-v",
+        required=True,
+        help="words file (one per line) or comma-separated words",
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="FILE.npy",
+        help="float32 [K, D] un-normalised prompt-ensemble embeddings",
+    )
+
+
+def run_embed_text(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    model = _load_model(args)
+    words, emb = model.text_embeddings(args.vocabulary)
+    np.save(args.out, emb)
+    Path(args.out).with_suffix(".txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    print(
+        f"wrote {args.out}: {emb.shape[0]} words x {emb.shape[1]} dims (row order in "
+        f"{Path(args.out).with_suffix('.txt')})"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------ region-features
+
+
+def add_region_features_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _image_args(p)
+    p.add_argument("--image", "-i", required=True, help="image file")
+    p.add_argument(
+        "--boxes",
+        "-b",
+        required=True,
+        metavar="JSON",
+        help="boxes.json: [[x1, y1, x2, y2], ...] in original image pixels",
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="FILE.npy",
+        help="float32 [R, D] region embeddings (un-normalised attnpool outputs)",
+    )
+
+
+def run_region_features(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    boxes = read_boxes(args.boxes, [args.image])[args.image]
+    model = _load_model(args)
+    prepared, b = model.prepare(args.image, boxes, clip_boxes=args.clip_boxes)
+    feats = model.region_features(prepared.image[None], prepared.to_canvas(b)[None])[0]
+    np.save(args.out, feats)
+    print(f"wrote {args.out}: {feats.shape[0]} regions x {feats.shape[1]} dims")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- classify
+
+
+def add_classify_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _image_args(p)
+    p.add_argument("--image", "-i", required=True, nargs="+", help="image file(s)")
+    p.add_argument(
+        "--boxes",
+        "-b",
+        metavar="JSON",
+        help="boxes.json (GT / user-box mode); without it: proposal mode (needs the "
+        "RPN, not available yet)",
+    )
+    p.add_argument(
+        "--vocabulary",
+        "-v",
+        required=True,
+        help="words file (one per line) or comma-separated words",
+    )
+    p.add_argument("--out", "-o", required=True, metavar="FILE.json", help="detections JSON")
+    p.add_argument(
+        "--vis",
+        metavar="PNG|DIR",
+        help="draw detections: a .png path (one image) or a directory (one PNG each)",
+    )
+    p.add_argument("--score-thresh", type=float, default=0.001)
+    p.add_argument("--nms-thresh", type=float, default=0.5)
+    p.add_argument("--max-dets", type=int, default=100)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from regionclip_jax.inference.recognizer import PROPOSAL_MODE_ERROR
+
+    if args.boxes is None:
+        raise ValueError(PROPOSAL_MODE_ERROR)
+    images = list(args.image)
+    for img in images:
+        if not os.path.isfile(img):
+            raise FileNotFoundError(2, "No such image file", img)
+    boxes = read_boxes(args.boxes, images)
+    from regionclip_jax.inference.vocabulary import parse_vocabulary
+
+    words = parse_vocabulary(args.vocabulary)  # fail on an empty vocabulary before loading
+    model = _load_model(args)
+    names, _ = model.class_embeddings(words)
+    vis_dir = None
+    if args.vis and (len(images) > 1 or not args.vis.lower().endswith(".png")):
+        vis_dir = Path(args.vis)
+        vis_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    from tqdm.auto import tqdm
+
+    for img in tqdm(
+        images,
+        desc="classify",
+        unit="image",
+        disable=args.quiet or len(images) < 2,
+        file=sys.stderr,
+    ):
+        scores = model.classify_regions(img, boxes[img], words, clip_boxes=args.clip_boxes)
+        from regionclip_jax.inference.recognizer import Detections, postprocess
+
+        b, s, k = postprocess(
+            scores.boxes,
+            scores.probs,
+            scores.image_hw,
+            score_thresh=args.score_thresh,
+            nms_thresh=args.nms_thresh,
+            max_detections=args.max_dets,
+        )
+        dets = Detections(b, s, k, names)
+        results.append(
+            {
+                "image": img,
+                "detections": dets.to_dict()["detections"],
+                "regions": [
+                    {
+                        "box": [round(float(v), 2) for v in box],
+                        "label": names[int(lab)],
+                        "score": float(sc),
+                        "background": float(bg),
+                    }
+                    for box, lab, sc, bg in zip(
+                        scores.boxes, scores.labels, scores.scores, scores.background
+                    )
+                ],
+            }
+        )
+        if args.vis:
+            from regionclip_jax.inference.preprocess import load_image
+            from regionclip_jax.inference.visualize import draw_detections
+
+            out = vis_dir / f"{Path(img).stem}.png" if vis_dir else Path(args.vis)
+            draw_detections(load_image(img), dets, out=out)
+    Path(args.out).write_text(json.dumps({"classes": names, "results": results}, indent=1) + "\n")
+    n = sum(len(r["detections"]) for r in results)
+    print(f"wrote {args.out}: {n} detections in {len(images)} image(s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- convert-regionclip
+
+
+def add_convert_regionclip_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        "-i",
+        required=True,
+        metavar="FILE.pth",
+        help="RegionCLIP checkpoint (detectron2 .pth, e.g. regionclip_pretrained-cc_rn50.pth)",
+    )
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DIR")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow pickled NumPy arrays (the released files need it; trusted files only)",
+    )
+    p.add_argument(
+        "--text-from",
+        metavar="FILE",
+        help="OpenAI CLIP file for the text tower if the .pth has no lang_encoder.* keys",
+    )
+
+
+def run_convert_regionclip(args: argparse.Namespace) -> int:
+    from regionclip_jax.convert.checkpoint import check_destination
+    from regionclip_jax.convert.regionclip import load_regionclip_file, save_regionclip
+
+    check_destination(args.output, overwrite=args.overwrite)
+    w = load_regionclip_file(
+        args.input, trust_pickle=args.trust_pickle, text_from=args.text_from, load_teacher=False
+    )
+    dest = save_regionclip(w, args.output, overwrite=args.overwrite, source=args.input)
+    heads = ", ".join(f"{k} {list(v.shape)}" for k, v in w.heads.items()) or "none"
+    print(
+        f"wrote {dest} (embed dim {w.clip.config.embed_dim}; predictor: {heads}; "
+        f"{len(w.ignored)} offline-RPN / mask-head keys not converted)"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------ standalone
+
+COMMANDS = {
+    "embed-text": (add_embed_text_arguments, run_embed_text),
+    "region-features": (add_region_features_arguments, run_region_features),
+    "classify": (add_classify_arguments, run_classify),
+    "convert-regionclip": (add_convert_regionclip_arguments, run_convert_regionclip),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m regionclip_jax.inference.commands <cmd> ...`; errors -> one line, exit 2."""
+    parser = argparse.ArgumentParser(prog="regionclip-jax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _) in COMMANDS.items():
+        add(sub.add_parser(name))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (OSError, ValueError, ImportError) as e:
+        msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"regionclip-jax {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

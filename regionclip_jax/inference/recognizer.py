@@ -1,0 +1,419 @@
+"""`RegionCLIP`: zero-shot region recognition with a RegionCLIP or plain CLIP checkpoint.
+
+    model = RegionCLIP.from_checkpoint("ckpt/regionclip_rn50")
+    feats = model.region_features(images, boxes)              # [B, R, D] attnpool outputs
+    scores = model.classify_regions("img.jpg", boxes, ["cat", "dog"])
+    dets = model.detect("img.jpg", ["cat", "dog"], boxes=boxes)
+
+Classifier (spec §2.4, §3): logits = cos(region, class) / 0.01 with a zero background logit as the
+last column, softmax over K + 1. Class embeddings: 81-template prompt ensemble of the checkpoint's
+text tower, cached on disk (`vocabulary.EmbeddingCache`). Detection in GT / user-box mode (spec
+§6.1): no box deltas, boxes clipped to the image, background column dropped, (box, class) pairs
+above `score_thresh` kept, per-class NMS (IoU `nms_thresh`), top `max_detections`, boxes in
+original image pixels. Proposal mode (no boxes) needs the offline RPN, which arrives with issue 8.
+
+Execution: one jitted program per (batch, canvas, box bucket): boxes are padded to a power of two
+(`preprocess.bucket_size`) and canvases come in two orientation buckets, so a folder of images
+compiles at most a handful of times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from regionclip_jax.inference.preprocess import (
+    Prepared,
+    bucket_size,
+    preprocess,
+    validate_boxes,
+)
+from regionclip_jax.inference.vocabulary import (
+    EmbeddingCache,
+    checkpoint_identity,
+    parse_vocabulary,
+)
+from regionclip_jax.losses.common import logits_with_background
+from regionclip_jax.models.region import RegionEncoder
+from regionclip_jax.text.templates import TEMPLATES
+
+PROPOSAL_MODE_ERROR = (
+    "detection without boxes (proposal mode) needs the offline RPN, which is not implemented yet "
+    "(issue 8); pass boxes (ground-truth or your own, xyxy pixels of the original image)"
+)
+
+
+@dataclasses.dataclass
+class RegionScores:
+    """Per-box class probabilities.
+
+    Attributes:
+      boxes: float32 `[R, 4]` xyxy in original image pixels.
+      probs: float32 `[R, K]` class probabilities (softmax over K classes + background).
+      background: float32 `[R]` background probability (1 - probs.sum(-1)).
+      names: the K class names (vocabulary words, then exemplar queries).
+      image_hw: (H, W) of the original image.
+    """
+
+    boxes: np.ndarray
+    probs: np.ndarray
+    background: np.ndarray
+    names: list[str]
+    image_hw: tuple[int, int]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int `[R]`: most probable class per box."""
+        return self.probs.argmax(-1)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """float32 `[R]`: probability of that class."""
+        return self.probs.max(-1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.names),
+            "regions": [
+                {
+                    "box": [round(float(v), 2) for v in b],
+                    "label": self.names[int(k)],
+                    "score": float(s),
+                    "probs": {n: float(p) for n, p in zip(self.names, row)},
+                    "background": float(bg),
+                }
+                for b, k, s, row, bg in zip(
+                    self.boxes, self.labels, self.scores, self.probs, self.background
+                )
+            ],
+        }
+
+
+@dataclasses.dataclass
+class Detections:
+    """Post-processed detections of one image (spec §6.1), best first.
+
+    Attributes:
+      boxes: float32 `[N, 4]` xyxy in original image pixels.
+      scores: float32 `[N]`.
+      labels: int32 `[N]` indices into `names`.
+      names: the class names.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.names),
+            "detections": [
+                {
+                    "box": [round(float(v), 2) for v in b],
+                    "label": self.names[int(k)],
+                    "score": float(s),
+                }
+                for b, s, k in zip(self.boxes, self.scores, self.labels)
+            ],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS (torchvision semantics: suppress IoU > threshold), indices by descending score.
+
+    Args:
+      boxes: float `[N, 4]` xyxy; scores: float `[N]`.
+    """
+    order = np.argsort(-scores, kind="stable")
+    b = boxes.astype(np.float64)
+    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0]), 0, None)
+        h = np.clip(np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1]), 0, None)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, np.int64)
+
+
+def postprocess(
+    boxes: np.ndarray,
+    probs: np.ndarray,
+    image_hw: tuple[int, int],
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    max_detections: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GT-mode post-processing (spec §6.1 steps 3, 5-7): clip, threshold, per-class NMS, top-k.
+
+    Args:
+      boxes: `[R, 4]`; probs: `[R, K]` (background column already dropped); image_hw: (H, W).
+
+    Returns:
+      (boxes `[N, 4]`, scores `[N]`, labels int32 `[N]`), scores descending.
+    """
+    h, w = image_hw
+    boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+    r_idx, k_idx = np.nonzero(probs > score_thresh)
+    scores = probs[r_idx, k_idx]
+    keep_all = []
+    for k in np.unique(k_idx):
+        sel = np.nonzero(k_idx == k)[0]
+        keep_all.append(sel[nms(boxes[r_idx[sel]], scores[sel], nms_thresh)])
+    keep = np.concatenate(keep_all) if keep_all else np.zeros(0, np.int64)
+    keep = keep[np.argsort(-scores[keep], kind="stable")][:max_detections]
+    return boxes[r_idx[keep]], scores[keep].astype(np.float32), k_idx[keep].astype(np.int32)
+
+
+class RegionCLIP:
+    """Zero-shot region recognition (see the module docstring).
+
+    Args:
+      clip: a `regionclip_jax.models.CLIP` (RegionCLIP-pretrained or OpenAI CLIP weights).
+      heads: RegionCLIP box-predictor arrays (kept for reference; GT mode uses no box deltas).
+      identity: a string identifying the weights for the text-embedding cache (None: no cache).
+      min_size, max_size: test-time resize (800 / 1333).
+      canvas: fixed (Hc, Wc) canvas for every image (default: two orientation buckets).
+      cache_dir: text-embedding cache directory ("default", a path, or None to disable).
+      box_chunk: run the RoI head over chunks of this many boxes (bounds memory).
+    """
+
+    def __init__(
+        self,
+        clip,
+        *,
+        heads: Mapping[str, np.ndarray] | None = None,
+        identity: str | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        canvas: tuple[int, int] | None = None,
+        cache_dir: str | os.PathLike | None = "default",
+        box_chunk: int | None = None,
+        temperature: float = 0.01,
+    ):
+        self.clip = clip
+        self.heads = dict(heads or {})
+        self.identity = identity
+        self.min_size, self.max_size, self.canvas = min_size, max_size, canvas
+        self.temperature = temperature
+        self.cache = EmbeddingCache(cache_dir)
+        self.box_chunk = box_chunk
+        self.encoder = RegionEncoder(clip.visual, box_chunk=box_chunk)
+        enc_def, self._enc_state = nnx.split(self.encoder)
+        clip_def, self._clip_state = nnx.split(clip)
+
+        @jax.jit
+        def features(state, images, boxes):
+            return nnx.merge(enc_def, state)(images, boxes).astype(jnp.float32)
+
+        @jax.jit
+        def encode_text(state, ids):
+            return nnx.merge(clip_def, state).encode_text(ids).astype(jnp.float32)
+
+        self._features_fn = features
+        self._encode_text_fn = encode_text
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, **kwargs: Any) -> RegionCLIP:
+        """Loads a converted RegionCLIP checkpoint (`save_regionclip`) or a converted CLIP one
+        (`regionclip-jax convert`; plain CLIP applied to regions, the paper's baseline)."""
+        from regionclip_jax.convert.regionclip import load_regionclip
+
+        weights = load_regionclip(directory)
+        return cls(
+            weights.clip, heads=weights.heads, identity=checkpoint_identity(directory), **kwargs
+        )
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.config.embed_dim
+
+    # ------------------------------------------------------------------------------ embeddings
+
+    def region_features(self, images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Region embeddings (RegionCLIP's `att_feats`).
+
+        Args:
+          images: float32 `[B, Hc, Wc, 3]` CLIP-normalised canvases (`preprocess(...).image`).
+          boxes: float `[B, R, 4]` absolute xyxy in canvas pixels.
+
+        Returns:
+          float32 `[B, R, D]` un-normalised attnpool outputs.
+        """
+        images = np.asarray(images, np.float32)
+        boxes = np.asarray(boxes, np.float32)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
+        if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != images.shape[0]:
+            raise ValueError(f"boxes must be [B={images.shape[0]}, R, 4], got {boxes.shape}")
+        b, r = boxes.shape[:2]
+        if r == 0:
+            return np.zeros((b, 0, self.embed_dim), np.float32)
+        size = bucket_size(r)
+        if self.box_chunk:
+            size = -(-size // self.box_chunk) * self.box_chunk
+        padded = np.zeros((b, size, 4), np.float32)
+        padded[:, :r] = boxes
+        out = self._features_fn(self._enc_state, jnp.asarray(images), jnp.asarray(padded))
+        return np.asarray(out)[:, :r]
+
+    def text_embeddings(
+        self, vocabulary: str | Sequence[str], *, templates: Sequence[str] = TEMPLATES
+    ) -> tuple[list[str], np.ndarray]:
+        """(words, float32 `[K, D]` un-normalised prompt-ensemble embeddings), cached on disk."""
+        from regionclip_jax.text.embeddings import prompt_ensemble_embeddings
+
+        words = parse_vocabulary(vocabulary)
+        templates = list(templates)
+
+        def compute():
+            return prompt_ensemble_embeddings(
+                lambda ids: self._encode_text_fn(self._clip_state, ids),
+                words,
+                templates=templates,
+                context_length=self.clip.config.context_length,
+                jit=False,
+            )
+
+        emb = self.cache.get_or_compute(
+            self.identity, words, templates, compute, embed_dim=self.embed_dim
+        )
+        return words, emb
+
+    def prepare(
+        self, image: str | os.PathLike | np.ndarray, boxes=None, *, clip_boxes: bool = False
+    ) -> tuple[Prepared, np.ndarray | None]:
+        """(preprocessed image, validated boxes in original pixels or None)."""
+        prepared = preprocess(
+            image, min_size=self.min_size, max_size=self.max_size, canvas=self.canvas
+        )
+        if boxes is None:
+            return prepared, None
+        return prepared, validate_boxes(boxes, prepared.original_hw, clip=clip_boxes)
+
+    def exemplar_embedding(
+        self, image: str | os.PathLike | np.ndarray, boxes, *, clip_boxes: bool = False
+    ) -> np.ndarray:
+        """A class query from example boxes of one object: the mean of their L2-normalised region
+        embeddings, float32 `[D]`. Pass it as `exemplars={"name": emb}`; average the results of
+        several images yourself (`np.mean([...], 0)`) to use exemplars from many images."""
+        prepared, b = self.prepare(image, boxes, clip_boxes=clip_boxes)
+        if len(b) == 0:
+            raise ValueError("exemplar_embedding needs at least one box")
+        feats = self.region_features(prepared.image[None], prepared.to_canvas(b)[None])[0]
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+        return feats.mean(0).astype(np.float32)
+
+    def class_embeddings(
+        self,
+        vocabulary: str | Sequence[str] | None,
+        exemplars: Mapping[str, np.ndarray] | None = None,
+        *,
+        templates: Sequence[str] = TEMPLATES,
+    ) -> tuple[list[str], np.ndarray]:
+        """(names, `[K, D]`): vocabulary words (text) followed by exemplar queries."""
+        names: list[str] = []
+        parts = []
+        if vocabulary is not None:
+            names, emb = self.text_embeddings(vocabulary, templates=templates)
+            parts.append(emb)
+        for name, vec in (exemplars or {}).items():
+            vec = np.asarray(vec, np.float32).reshape(-1)
+            if vec.shape != (self.embed_dim,):
+                raise ValueError(
+                    f"exemplar {name!r} has shape {vec.shape}, want ({self.embed_dim},)"
+                )
+            if name in names:
+                raise ValueError(f"exemplar name {name!r} is also a vocabulary word")
+            names.append(name)
+            parts.append(vec[None])
+        if not names:
+            raise ValueError("empty vocabulary: give words and/or exemplar queries")
+        return names, np.concatenate(parts).astype(np.float32)
+
+    # -------------------------------------------------------------------------- recognition
+
+    def classify_regions(
+        self,
+        image: str | os.PathLike | np.ndarray,
+        boxes,
+        vocabulary: str | Sequence[str] | None,
+        *,
+        exemplars: Mapping[str, np.ndarray] | None = None,
+        templates: Sequence[str] = TEMPLATES,
+        clip_boxes: bool = False,
+    ) -> RegionScores:
+        """Class probabilities of each box.
+
+        Args:
+          image: path or uint8 [H, W, 3] RGB.
+          boxes: `[R, 4]` xyxy in original image pixels.
+          vocabulary: words (list, "cat,dog" or a file path); duplicates dropped with a warning.
+          exemplars: extra class queries `{name: [D] embedding}` (`exemplar_embedding`).
+          clip_boxes: clip boxes to the image instead of rejecting those that extend past it.
+        """
+        names, emb = self.class_embeddings(vocabulary, exemplars, templates=templates)
+        prepared, b = self.prepare(image, boxes, clip_boxes=clip_boxes)
+        feats = self.region_features(prepared.image[None], prepared.to_canvas(b)[None])[0]
+        logits = logits_with_background(jnp.asarray(feats), jnp.asarray(emb), self.temperature)
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        return RegionScores(b, probs[:, :-1], probs[:, -1], names, prepared.original_hw)
+
+    def detect(
+        self,
+        image: str | os.PathLike | np.ndarray,
+        vocabulary: str | Sequence[str] | None,
+        boxes=None,
+        *,
+        exemplars: Mapping[str, np.ndarray] | None = None,
+        score_thresh: float = 0.001,
+        nms_thresh: float = 0.5,
+        max_detections: int = 100,
+        templates: Sequence[str] = TEMPLATES,
+        clip_boxes: bool = False,
+    ) -> Detections:
+        """Detections in GT / user-box mode (spec §6.1; COCO zero-shot defaults: score 0.001,
+        NMS 0.5, 100 detections; LVIS uses 0.0001 and 300).
+
+        Raises:
+          ValueError: `boxes` is None (proposal mode needs the RPN, issue 8), or bad inputs.
+        """
+        if boxes is None:
+            raise ValueError(PROPOSAL_MODE_ERROR)
+        scores = self.classify_regions(
+            image,
+            boxes,
+            vocabulary,
+            exemplars=exemplars,
+            templates=templates,
+            clip_boxes=clip_boxes,
+        )
+        out_boxes, out_scores, labels = postprocess(
+            scores.boxes,
+            scores.probs,
+            scores.image_hw,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            max_detections=max_detections,
+        )
+        return Detections(out_boxes, out_scores, labels, scores.names)

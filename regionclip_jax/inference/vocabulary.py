@@ -1,0 +1,128 @@
+"""Vocabularies (the user's words) and the on-disk cache of their class embeddings.
+
+Class embeddings are RegionCLIP's: the mean of the text tower's un-normalised outputs over the 81
+prompt templates (`regionclip_jax.text.prompt_ensemble_embeddings`, spec §3), stored
+un-normalised ([K, D] float32 .npy; consumers normalise). The cache key is a SHA-256 of the
+checkpoint identity (its `model.json` content and path, which changes whenever it is re-saved),
+the word list (order included) and the templates, so a stale file is never reused. The cache
+directory is `$REGIONCLIP_JAX_CACHE` or `~/.cache/regionclip_jax/text_embeddings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The words of a vocabulary, deduplicated (first occurrence kept, with a warning).
+
+    Args:
+      vocabulary: a list of words; a path to a text file (one word per line, blank lines and
+        lines starting with '#' skipped); or a comma-separated string ("cat,dog").
+
+    Raises:
+      ValueError: no words.
+    """
+    if isinstance(vocabulary, os.PathLike) or (
+        isinstance(vocabulary, str) and os.path.isfile(vocabulary)
+    ):
+        text = Path(vocabulary).read_text(encoding="utf-8")
+        words = [ln.strip() for ln in text.splitlines()]
+        words = [w for w in words if w and not w.startswith("#")]
+        where = f"vocabulary file {os.fspath(vocabulary)}"
+    elif isinstance(vocabulary, str):
+        words = [w.strip() for w in vocabulary.split(",")]
+        words = [w for w in words if w]
+        where = "vocabulary"
+    else:
+        words = []
+        for w in vocabulary:
+            if not isinstance(w, str):
+                raise ValueError(f"vocabulary entries must be strings, got {w!r:.60}")
+            if w.strip():
+                words.append(w.strip())
+        where = "vocabulary"
+    if not words:
+        raise ValueError(f"{where} is empty: give at least one word (e.g. 'cat,dog')")
+    seen: dict[str, None] = {}
+    dupes = []
+    for w in words:
+        if w in seen:
+            dupes.append(w)
+        else:
+            seen[w] = None
+    if dupes:
+        warnings.warn(
+            f"{where}: dropped duplicate words {sorted(set(dupes))}", UserWarning, stacklevel=2
+        )
+    return list(seen)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("REGIONCLIP_JAX_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.cache/regionclip_jax/text_embeddings").expanduser()
+
+
+def checkpoint_identity(directory: str | os.PathLike) -> str:
+    """A string that changes whenever the checkpoint at `directory` is re-written."""
+    directory = Path(directory).expanduser().resolve()
+    meta = (directory / "model.json").read_text(encoding="utf-8")
+    return f"{directory}\n{meta}"
+
+
+def cache_key(identity: str, words: Sequence[str], templates: Sequence[str]) -> str:
+    payload = json.dumps([identity, list(words), list(templates)], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class EmbeddingCache:
+    """`[K, D]` class-embedding arrays on disk, keyed by `cache_key`.
+
+    Writes go to a temporary file renamed into place, so concurrent readers never see a partial
+    file. `directory=None` disables caching (compute every time).
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = "default"):
+        if directory == "default":
+            directory = default_cache_dir()
+        self.directory = None if directory is None else Path(directory)
+
+    def get_or_compute(
+        self,
+        identity: str | None,
+        words: Sequence[str],
+        templates: Sequence[str],
+        compute: Callable[[], np.ndarray],
+        *,
+        embed_dim: int,
+    ) -> np.ndarray:
+        """Cached `compute()` (float32 [len(words), embed_dim]); no caching if identity is None."""
+        if self.directory is None or identity is None:
+            return np.asarray(compute(), np.float32)
+        key = cache_key(identity, words, templates)
+        path = self.directory / f"{key}.npy"
+        if path.is_file():
+            try:
+                emb = np.load(path, allow_pickle=False)
+                if emb.shape == (len(words), embed_dim):
+                    return emb
+            except (OSError, ValueError):
+                pass  # a damaged cache file is recomputed and replaced
+        emb = np.asarray(compute(), np.float32)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, emb)
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only cache must not break inference
+            warnings.warn(f"could not write the text-embedding cache {path}: {e}", stacklevel=2)
+        return emb
