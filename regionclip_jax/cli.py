@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
 PROG = "regionclip-jax"
@@ -160,6 +161,39 @@ def _info(args: argparse.Namespace) -> int:
     print("Config:")
     for key, value in cfg.items():
         print(f"  {key}: {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# init-random
+
+
+def _init_random_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="RN50", help="architecture (RN50, RN50x4, ViT-B/16, ...)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+
+
+@command(
+    "init-random",
+    help="write a checkpoint with RANDOM weights (to try the commands without downloading weights)",
+    arguments=_init_random_arguments,
+)
+def _init_random(args: argparse.Namespace) -> int:
+    from regionclip_jax.convert.checkpoint import check_destination, save_clip
+    from regionclip_jax.inference.notebook import random_clip
+    from regionclip_jax.models.presets import get_preset
+
+    check_destination(args.output, overwrite=args.overwrite)
+    model = random_clip(get_preset(args.preset), seed=args.seed)
+    dest = save_clip(
+        model,
+        args.output,
+        overwrite=args.overwrite,
+        source=f"random weights ({args.preset}, seed {args.seed})",
+    )
+    print(f"Wrote a {args.preset} checkpoint with RANDOM weights (outputs are meaningless): {dest}")
     return 0
 
 
@@ -321,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line `argv` (default `sys.argv[1:]`); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "debug", False):
+        # Users see one "warning:" line, not the Python source line that raised it.
+        warnings.formatwarning = lambda message, *_args, **_kw: f"{PROG}: warning: {message}\n"
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
