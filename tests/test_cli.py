@@ -249,3 +249,20 @@ def test_main_py_prints_config_and_stops(tmp_path):
     assert proc.returncode == 1
     assert "learning_rate: 0.5" in proc.stdout and "variant: runlocal" in proc.stdout
     assert "later issue" in proc.stderr
+
+
+def test_init_random_writes_a_loadable_checkpoint_and_rejects_unknown_presets(tmp_path, capsys):
+    from regionclip_jax.convert.checkpoint import load_clip, read_metadata
+    from regionclip_jax.models.presets import get_preset
+
+    out = tmp_path / "rn50"
+    assert cli.main(["init-random", "--preset", "RN50", "--output", str(out)]) == 0
+    assert "RANDOM" in capsys.readouterr().out
+    assert read_metadata(out)["config"] == get_preset("RN50").to_dict()
+    model = load_clip(out)
+    assert model.config == get_preset("RN50")
+    # Refuses to overwrite, and names the valid presets for a typo.
+    assert cli.main(["init-random", "--preset", "RN50", "--output", str(out)]) == 2
+    assert cli.main(["init-random", "--preset", "RN99", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "RN99" in err and "RN50x4" in err
