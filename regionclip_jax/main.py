@@ -1,16 +1,17 @@
-"""Training / evaluation entry point (flags only; kept short on purpose).
+"""Training entry point (flags only; the trainers are libraries under regionclip_jax.train).
 
   python -m regionclip_jax.main --config=configs/<experiment>.py[:arg] --workdir=DIR \
       [--config.key=value ...]
 
-For now it resolves and prints the config; the trainers land in a later issue.
+The config's `mode` picks the trainer (`clip`: image-level CLIP). Running the same command again
+resumes from the last checkpoint in DIR. Exit status: 0 done, 1 failed (bad config, NaN/Inf).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,14 +23,47 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and l
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint write at INFO
+        logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
     print(f"workdir: {_WORKDIR.value}")
-    print(_CONFIG.value)
-    print(
-        "regionclip_jax.main: training and evaluation are not implemented yet (a later issue); "
-        "the config above was resolved and nothing was run.",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    print(config)
+    mode = config.get("mode")
+    if mode is None:
+        print(
+            "regionclip_jax.main: the config has no `mode` (one of: clip; the pretraining and "
+            "detection trainers arrive in a later issue): the config above was resolved and "
+            "nothing was run.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+    import jax
+
+    from regionclip_jax.train import config_validation, loop
+
+    # Multi-host launchers set the coordinator through the environment; single-host is a no-op.
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        logging.info("single-process run (jax.distributed.initialize: %s)", e)
+
+    try:
+        if mode == "clip":
+            from regionclip_jax.train import clip_trainer
+
+            result = clip_trainer.run(config, _WORKDIR.value)
+        else:
+            raise config_validation.ConfigError(
+                f"config.mode: unknown mode {mode!r}; valid: {config_validation.MODES}"
+            )
+    except config_validation.ConfigError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        sys.exit(1)
+    except loop.NonFiniteError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"done: step {result.step} in {result.seconds:.1f}s; final metrics {result.metrics}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""Image-level CLIP training (config mode `clip`): both towers, symmetric image-text loss.
+
+Used to make the ShapesWorld teacher for region pretraining, and usable on its own.
+
+Loss: `losses.pretrain.image_text_contrastive_loss` over the global batch (under jit the batch
+is one global array, so the softmax runs over all images and captions of all devices, as
+CLIP's all-gather does). Temperature, `config.loss`:
+  - learn_temperature=True (CLIP): τ = 1 / exp(logit_scale) with the model's `logit_scale`
+    parameter (init log(1/0.07)). CLIP clamps the parameter to log(100) after each update; we
+    clamp it inside the loss (exp(min(logit_scale, log(max_logit_scale)))), which gives the same
+    logits; above the cap the parameter gets no gradient instead of being reset.
+  - learn_temperature=False: fixed τ = loss.temperature (RegionCLIP's 0.01); `logit_scale` gets no
+    gradient and is left as initialised.
+
+Batches come from `data.pipeline.make_pretrain_dataset` (no boxes) with the canvas equal to the
+model's input resolution (ShapesWorld images are square, so nothing is padded).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from regionclip_jax.data.pipeline import make_pretrain_dataset
+from regionclip_jax.losses.pretrain import image_text_contrastive_loss
+from regionclip_jax.models.clip import CLIP
+from regionclip_jax.train import config_validation
+from regionclip_jax.train import loop as loop_lib
+from regionclip_jax.train import state as state_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def prepare_shapesworld(config: ml_collections.ConfigDict) -> None:
+    """Generates ShapesWorld into `config.data.shapesworld.dir` if it is not there yet and points
+    `data.train` / `data.val` at it (in place; the config must be unlocked or have the keys)."""
+    sw = config.data.shapesworld
+    if not sw.dir:
+        return
+    from regionclip_jax.data import shapesworld
+
+    if not os.path.exists(os.path.join(sw.dir, "shapesworld.json")):
+        if jax.process_index() == 0:
+            print(f"generating ShapesWorld ({sw.num_train} + {sw.num_val} images) in {sw.dir}")
+            shapesworld.generate(
+                sw.dir,
+                num_train=int(sw.num_train),
+                num_val=int(sw.num_val),
+                seed=int(sw.seed),
+                image_size=int(sw.image_size),
+            )
+        # Multi-host: other processes must wait for process 0 (shared file system assumed).
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("shapesworld_generated")
+    if not config.data.train:
+        config.data.train = os.path.join(sw.dir, "train")
+    if not config.data.val and int(sw.num_val) > 0:
+        config.data.val = os.path.join(sw.dir, "val")
+
+
+class ClipTask:
+    """`loop.Task` for image-level CLIP training."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.clip_config = config_validation.clip_config(config)
+        self.dtype = DTYPES[config.model.dtype]
+
+    def build_model(self, rngs: nnx.Rngs) -> CLIP:
+        return CLIP(self.clip_config, dtype=self.dtype, rngs=rngs)
+
+    def _dataset(self, path: str, batch: int, shard_index: int, shard_count: int, train: bool):
+        d = self.config.data
+        return make_pretrain_dataset(
+            path,
+            batch_size=batch,
+            canvas=tuple(int(x) for x in d.canvas),
+            min_size=int(d.min_size),
+            max_size=int(d.max_size) if d.max_size else None,
+            boxes=None,
+            seed=int(self.config.seed),
+            shard_index=shard_index,
+            shard_count=shard_count,
+            num_workers=int(d.num_workers) if train else 0,
+            flip=bool(d.flip) and train,
+            shuffle=train,
+            num_epochs=None if train else 1,
+            drop_remainder=True,
+            context_length=int(d.context_length),
+        )
+
+    def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
+        batch = int(self.config.data.batch_size) // shard_count
+        return self._dataset(self.config.data.train, batch, shard_index, shard_count, True)
+
+    def batch_spec(self, global_batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        h, w = (int(x) for x in self.config.data.canvas)
+        return {
+            "images": ((global_batch, h, w, 3), np.float32),
+            "tokens": ((global_batch, int(self.config.data.context_length)), np.int32),
+        }
+
+    def temperature(self, model: CLIP) -> jax.Array:
+        cfg = self.config.loss
+        if not cfg.learn_temperature:
+            return jnp.asarray(float(cfg.temperature), jnp.float32)
+        cap = math.log(float(cfg.max_logit_scale))
+        return jnp.exp(-jnp.minimum(model.logit_scale[...].astype(jnp.float32), cap))
+
+    def embed(self, model: CLIP, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(image [B, E], text [B, E]) float32 embeddings, un-normalised."""
+        img = model.encode_image(batch["images"].astype(self.dtype)).astype(jnp.float32)
+        txt = model.encode_text(batch["tokens"]).astype(jnp.float32)
+        return img, txt
+
+    def loss(self, model, batch, rng, step):
+        del rng, step  # CLIP training has no randomness inside the step
+        img, txt = self.embed(model, batch)
+        tau = self.temperature(model)
+        loss = image_text_contrastive_loss(img, txt, temperature=tau)
+        return loss, {"temperature": tau, "i2t_acc": _i2t_accuracy(img, txt)}
+
+
+def _i2t_accuracy(img: jax.Array, txt: jax.Array) -> jax.Array:
+    """Fraction of images whose own caption scores highest among the batch's captions."""
+    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+    sim = img @ txt.T
+    return jnp.mean((jnp.argmax(sim, axis=1) == jnp.arange(sim.shape[0])).astype(jnp.float32))
+
+
+def evaluate_retrieval(
+    task: ClipTask, graphdef: Any, state: Any, path: str, batch_size: int
+) -> dict[str, float]:
+    """Image->text and text->image top-1 retrieval within batches of `batch_size` val images
+    (one random caption per image; chance = 1 / batch_size). Single-process helper."""
+    params, rest = state["params"], state["rest"]
+
+    @jax.jit
+    def embed(params, rest, batch):
+        return task.embed(state_lib.merge(graphdef, params, rest), batch)
+
+    i2t, t2i, n = 0.0, 0.0, 0
+    it = iter(task._dataset(path, batch_size, 0, 1, train=False))
+    for batch in it:
+        img, txt = embed(params, rest, {k: batch[k] for k in ("images", "tokens")})
+        i2t += float(_i2t_accuracy(img, txt))
+        t2i += float(_i2t_accuracy(txt, img))
+        n += 1
+    if n == 0:
+        return {}
+    return {"val_i2t_top1": i2t / n, "val_t2i_top1": t2i / n, "val_batches": n}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
+    """Trains image-level CLIP (`config.mode == 'clip'`); evaluates val retrieval at the end."""
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy for data paths
+    prepare_shapesworld(config)
+    task = ClipTask(config)
+    kwargs.setdefault("keep_state", True)
+    result = loop_lib.train(config, workdir, task, **kwargs)
+    if config.data.val and result.state is not None and jax.process_count() == 1:
+        ev = evaluate_retrieval(
+            task, result.graphdef, result.state, config.data.val, int(config.data.batch_size)
+        )
+        if ev:
+            print(
+                f"val retrieval (batches of {int(config.data.batch_size)}): "
+                f"image->text {ev['val_i2t_top1']:.3f}, text->image {ev['val_t2i_top1']:.3f}",
+                flush=True,
+            )
+            result.metrics.update(ev)
+    return result

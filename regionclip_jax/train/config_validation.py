@@ -1,0 +1,240 @@
+"""The training config schema and its validation (run before anything is compiled).
+
+`base_config()` is the full set of keys a training config may have, with defaults; experiment
+files (configs/*.py) start from it (configs/common.py) and override values. `validate(config)`
+fails with a `ConfigError` naming the offending key for
+  - keys the schema does not know (typos: `optim.lrr`), also inside nested dicts;
+  - values of the wrong kind or out of range;
+  - inconsistent values (global batch not divisible by the data-parallel mesh size or by the
+    process count, decay steps out of order, an image resolution the model cannot take, ...).
+Keys under `model` free-form dicts are checked by the model's own config (CLIPConfig).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import ml_collections
+
+MODES = ("clip",)
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class ConfigError(ValueError):
+    """A training config is invalid; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a training config may have, with its default (unlocked; lock after editing)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "clip"
+    c.seed = 0
+    c.total_steps = 1000
+    c.log_every = 10
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.eval_every = 0  # 0: evaluate only at the end
+
+    # Mesh ('data', 'fsdp', 'model') sizes; -1 takes the remaining devices. axis_rules: list of
+    # (logical name, mesh axes) pairs; empty uses regionclip_jax.parallel.DEFAULT_RULES.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    c.axis_rules = ()
+
+    # Model: CLIPConfig fields (regionclip_jax.models.presets), applied over `preset` if given.
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = ""
+    c.model.overrides = ml_collections.ConfigDict()
+    c.model.dtype = "float32"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # shard dir / manifest / glob (shards.open_shards)
+    c.data.val = ""
+    c.data.shapesworld = ml_collections.ConfigDict()
+    c.data.shapesworld.dir = ""  # if set and empty on disk: generate ShapesWorld there first
+    c.data.shapesworld.num_train = 2000
+    c.data.shapesworld.num_val = 200
+    c.data.shapesworld.seed = 0
+    c.data.shapesworld.image_size = 128
+    c.data.batch_size = 32  # global batch (all processes)
+    c.data.min_size = 128
+    c.data.max_size = 128
+    c.data.canvas = (128, 128)
+    c.data.flip = False  # ShapesWorld captions say nothing about left/right; CLIP never flips
+    c.data.num_workers = 0
+    c.data.context_length = 77
+
+    # The image-text loss: learned temperature (CLIP: logit_scale param, init 1/0.07, exp()
+    # clipped at max_logit_scale) or a fixed one (RegionCLIP pretraining: 0.01).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.learn_temperature = True
+    c.loss.temperature = 0.01
+    c.loss.max_logit_scale = 100.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"
+    c.optim.lr = 0.002
+    c.optim.momentum = 0.9
+    c.optim.beta1 = 0.9
+    c.optim.beta2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 1e-4
+    c.optim.decay_min_ndim = 0
+    c.optim.warmup_steps = 0
+    c.optim.warmup_factor = 0.001
+    c.optim.decay_steps = ()
+    c.optim.decay_factor = 0.1
+    c.optim.clip_grad_norm = 0.0
+    c.optim.freeze = ()
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.nan_at_step = 0  # > 0: make the loss and gradients of that update NaN (tests)
+    c.debug.step_sleep = 0.0  # seconds to sleep after each step (tests kill runs mid-way)
+    c.debug.print_memory = True
+    return c
+
+
+# Sub-dicts whose keys are free-form (checked elsewhere).
+_FREE_FORM = ("model.overrides",)
+
+
+def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> list[str]:
+    out = []
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            out.append(name)
+            continue
+        value, ref = config[key], schema[key]
+        if name in _FREE_FORM:
+            continue
+        if isinstance(ref, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict | dict):
+                continue  # reported as a type error below
+            out.extend(_unknown_keys(value, ref, f"{name}."))
+    return out
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config.{key}: {msg}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Checks `config` against the schema and itself; raises ConfigError naming the key.
+
+    Args:
+      config: the resolved training config.
+      num_devices: devices the mesh will span (jax.device_count()).
+      num_processes: jax.process_count().
+    """
+    unknown = _unknown_keys(config, base_config())
+    if unknown:
+        _fail(unknown[0], f"unknown key (not in the schema; typo?). All unknown: {unknown}")
+
+    if config.mode not in MODES:
+        _fail("mode", f"must be one of {MODES}, got {config.mode!r}")
+    for key in ("total_steps", "log_every", "keep_checkpoints"):
+        if int(config[key]) < 1:
+            _fail(key, f"must be >= 1, got {config[key]}")
+    if int(config.checkpoint_every) < 0:
+        _fail("checkpoint_every", "must be >= 0 (0: only at the end)")
+
+    # Mesh and batch.
+    mesh = dict(config.mesh)
+    sizes = {a: int(mesh.get(a, 1)) for a in mesh}
+    for axis, size in sizes.items():
+        if axis not in ("data", "fsdp", "model"):
+            _fail(f"mesh.{axis}", "unknown mesh axis; axes are data, fsdp, model")
+        if size == 0 or size < -1:
+            _fail(f"mesh.{axis}", f"must be >= 1 or -1, got {size}")
+    if list(sizes.values()).count(-1) > 1:
+        _fail("mesh", "at most one axis may be -1")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if num_devices % known:
+        _fail("mesh", f"{sizes} does not fit {num_devices} devices")
+    full = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
+    if math.prod(full.values()) != num_devices:
+        _fail("mesh", f"{sizes} needs {math.prod(full.values())} devices, have {num_devices}")
+    data_par = full.get("data", 1) * full.get("fsdp", 1)
+    batch = int(config.data.batch_size)
+    if batch < 1:
+        _fail("data.batch_size", f"must be >= 1, got {batch}")
+    if batch % data_par:
+        _fail(
+            "data.batch_size",
+            f"global batch {batch} is not divisible by the data-parallel size "
+            f"data x fsdp = {data_par} (mesh {full})",
+        )
+    if batch % num_processes:
+        _fail("data.batch_size", f"global batch {batch} not divisible by {num_processes} processes")
+    for pair in config.axis_rules:
+        if len(pair) != 2:
+            _fail("axis_rules", f"entries must be (logical name, mesh axes) pairs, got {pair}")
+
+    # Data.
+    d = config.data
+    if not d.train and not d.shapesworld.dir:
+        _fail("data.train", "set data.train (shards) or data.shapesworld.dir (generated)")
+    if len(d.canvas) != 2 or min(d.canvas) < 1:
+        _fail("data.canvas", f"must be (height, width), got {d.canvas}")
+    if int(d.min_size) < 1:
+        _fail("data.min_size", f"must be >= 1, got {d.min_size}")
+
+    # Optimiser.
+    o = config.optim
+    if o.name not in OPTIMIZERS:
+        _fail("optim.name", f"must be one of {OPTIMIZERS}, got {o.name!r}")
+    if float(o.lr) <= 0:
+        _fail("optim.lr", f"must be > 0, got {o.lr}")
+    steps = [int(s) for s in o.decay_steps]
+    if steps != sorted(steps) or any(s <= 0 for s in steps):
+        _fail("optim.decay_steps", f"must be increasing positive steps, got {tuple(steps)}")
+    if int(o.warmup_steps) < 0:
+        _fail("optim.warmup_steps", "must be >= 0")
+    if float(o.clip_grad_norm) < 0:
+        _fail("optim.clip_grad_norm", "must be >= 0 (0 disables)")
+    for pattern in o.freeze:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _fail("optim.freeze", f"bad regex {pattern!r}: {e}")
+
+    # Loss.
+    if float(config.loss.temperature) <= 0:
+        _fail("loss.temperature", "must be > 0")
+
+    # Model: build the CLIPConfig now so a bad field fails before any compile.
+    if config.model.dtype not in ("float32", "bfloat16"):
+        _fail("model.dtype", f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+    try:
+        clip_cfg = clip_config(config)
+    except (KeyError, ValueError, TypeError) as e:
+        _fail("model", str(e))
+    res = clip_cfg.image_resolution
+    if clip_cfg.is_resnet and res % 32:
+        _fail("model.overrides.image_resolution", f"a ResNet needs a multiple of 32, got {res}")
+    if tuple(int(x) for x in d.canvas) != (res, res):
+        _fail(
+            "data.canvas",
+            f"CLIP training feeds whole canvases to the model: canvas {tuple(d.canvas)} must be "
+            f"({res}, {res}) = model image_resolution",
+        )
+    if int(d.context_length) > clip_cfg.context_length:
+        _fail(
+            "data.context_length",
+            f"{d.context_length} > model context_length {clip_cfg.context_length}",
+        )
+
+
+def clip_config(config: ml_collections.ConfigDict):
+    """The CLIPConfig of `config.model` (preset, then overrides)."""
+    from regionclip_jax.models.presets import CLIPConfig, get_preset
+
+    overrides = dict(config.model.overrides)
+    if "vision_layers" in overrides and not isinstance(overrides["vision_layers"], int):
+        overrides["vision_layers"] = tuple(overrides["vision_layers"])
+    if config.model.preset:
+        return get_preset(config.model.preset).replace(**overrides)
+    return CLIPConfig.from_dict(overrides)

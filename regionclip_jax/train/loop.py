@@ -1,0 +1,308 @@
+"""The train loop shared by every trainer (CLIP, RegionCLIP pretraining, detection).
+
+A trainer is a `Task`: it builds the model, the per-process grain dataset and the loss. The
+loop does the rest, in this order (big_vision's documented resume order: workdir -> init):
+  1. validate the config (before any compile; `config_validation.validate`);
+  2. mesh + logical-axis rules from the config;
+  3. abstract state via `nnx.eval_shape`, shardings from the parameters' logical axes;
+  4. the latest complete checkpoint in `workdir/checkpoints` is restored onto those shardings
+     (params, optimizer, step, rng and the grain iterator position), else the state is
+     initialised by a jit with `out_shardings` (born sharded);
+  5. the step `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)` is compiled ahead of
+     time (`.lower(...).compile()`) and its `memory_analysis()` printed once;
+  6. loop: host batch -> `jax.make_array_from_process_local_data` -> step; metrics of step t are
+     read while step t+1 runs; a non-finite loss or gradient stops the run (`NonFiniteError`)
+     naming the step, the loss and the gradient norm of every top-level module; metrics go to
+     TensorBoard/JSONL every `log_every` steps; checkpoints every `checkpoint_every` steps and at
+     the end.
+Determinism: step t draws its randomness from `fold_in(state.rng, t)` and the data iterator is
+checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from regionclip_jax import parallel
+from regionclip_jax.train import config_validation, optim
+from regionclip_jax.train import state as state_lib
+from regionclip_jax.train.checkpointing import Checkpointer, abstract_with_shardings
+from regionclip_jax.train.metrics import MetricWriter, Progress
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN/Inf; `.step` and `.metrics` say where and which."""
+
+    def __init__(self, step: int, metrics: Mapping[str, float]):
+        self.step = step
+        self.metrics = dict(metrics)
+        bad = {k: v for k, v in self.metrics.items() if not math.isfinite(v)}
+        super().__init__(
+            f"non-finite values at step {step}: {bad}; all step metrics (loss, per-module "
+            f"gradient norms): {self.metrics}"
+        )
+
+
+class Task(Protocol):
+    """What a trainer provides to `train`."""
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The model (called under eval_shape and jit; must be deterministic given rngs)."""
+
+    def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
+        """This process's training batches (batch = global batch / shard_count)."""
+
+    def batch_spec(self, global_batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{key: (global shape, dtype)} of the batch arrays the loss reads (others dropped)."""
+
+    def loss(
+        self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, scalar metrics) of one batch."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns: final step, last logged metrics, per-step losses of this run."""
+
+    step: int
+    metrics: dict[str, float]
+    losses: dict[int, float]
+    seconds: float
+    graphdef: Any = None
+    state: Any = None
+
+
+def _top_module_grad_norms(grads: Any) -> dict[str, jax.Array]:
+    """L2 norm of the gradient of every top-level module / variable (`visual`, `transformer`...)."""
+    groups: dict[str, list[jax.Array]] = {}
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        top = optim.path_str(path[:1]) or "root"
+        groups.setdefault(top, []).append(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    return {f"grad_norm/{k}": jnp.sqrt(sum(v)) for k, v in sorted(groups.items())}
+
+
+def make_train_step(
+    task: Task, graphdef: Any, optimizer: optax.GradientTransformation, config: Any
+) -> Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]:
+    """The pure step `(state, batch) -> (state, metrics)` (metrics: float32 scalars)."""
+    schedule = optim.lr_schedule(config.optim)
+    nan_at = int(config.debug.nan_at_step)
+
+    def step_fn(state, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(state["rng"], step)
+
+        def loss_fn(params):
+            model = state_lib.merge(graphdef, params, state["rest"])
+            loss, metrics = task.loss(model, batch, rng, step)
+            if nan_at > 0:  # debug: poison loss and gradients of update `nan_at` (NaN-guard test)
+                loss = loss * jnp.where(step + 1 == nan_at, jnp.nan, 1.0)
+            return loss, metrics
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+        norms = _top_module_grad_norms(grads)
+        metrics.update(norms)
+        metrics["loss"] = loss.astype(jnp.float32)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.square(n) for n in norms.values()))
+        metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
+        new_state = dict(state, params=params, opt_state=opt_state, step=step + 1)
+        return new_state, metrics
+
+    return step_fn
+
+
+def _print_memory(compiled: Any) -> None:
+    try:
+        mem = compiled.memory_analysis()
+    except Exception as e:  # not every backend reports it
+        print(f"memory analysis unavailable: {e}", flush=True)
+        return
+    if mem is None:
+        print("memory analysis unavailable on this backend", flush=True)
+        return
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+        "alias_size_in_bytes",
+    )
+    parts = [
+        f"{f.removesuffix('_size_in_bytes')} {getattr(mem, f, 0) / 2**20:.1f} MiB" for f in fields
+    ]
+    print("train step memory (per device): " + ", ".join(parts), flush=True)
+
+
+def _host_batch(batch: Mapping[str, np.ndarray], spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(batch[k]) for k in spec}
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    task: Task,
+    *,
+    stop_after: int | None = None,
+    keep_state: bool = False,
+) -> TrainResult:
+    """Trains `task` under `config` in `workdir`, resuming from its last checkpoint.
+
+    Args:
+      config: the validated-here training config (config_validation.base_config schema).
+      workdir: checkpoints, TensorBoard events and metrics.jsonl go here.
+      task: the trainer (model, data, loss).
+      stop_after: stop (with a checkpoint) after this global step even if total_steps is later
+        (tests; schedules still follow total_steps).
+      keep_state: return the final state and graphdef in the result (evaluation).
+
+    Returns:
+      TrainResult.
+
+    Raises:
+      config_validation.ConfigError: before anything is compiled.
+      NonFiniteError: the loss or a gradient became NaN/Inf (nothing is saved for that step).
+    """
+    t_start = time.perf_counter()
+    config_validation.validate(config, jax.device_count(), jax.process_count())
+    is_main = jax.process_index() == 0
+    mesh = parallel.mesh_from_config(config)
+    rules = parallel.rules_from_config(config)
+    total = int(config.total_steps)
+    last = total if stop_after is None else min(total, int(stop_after))
+    global_batch = int(config.data.batch_size)
+
+    # Outside `set_mesh`: nnx.eval_shape under a mesh would read logical names as mesh axes.
+    graphdef, abstract, shardings, optimizer = state_lib.abstract_train_state(
+        lambda: task.build_model(nnx.Rngs(0)),
+        lambda params: optim.make_optimizer(config.optim, params),
+        mesh,
+        rules,
+    )
+    with jax.set_mesh(mesh), parallel.axis_rules(rules):
+        ckpt = Checkpointer(
+            workdir,
+            max_to_keep=int(config.keep_checkpoints),
+            async_save=bool(config.async_checkpointing),
+        )
+        data_iter = iter(task.dataset(jax.process_index(), jax.process_count()))
+        latest = ckpt.latest_step()
+        if latest is not None:
+            print(f"resuming from {ckpt.directory}/{latest}", flush=True)
+            state = ckpt.restore(latest, abstract_with_shardings(abstract, shardings), data_iter)
+        else:
+            state = state_lib.init_train_state(
+                task.build_model, optimizer, int(config.seed), shardings
+            )
+        start = int(jax.device_get(state["step"]))
+
+        spec = task.batch_spec(global_batch)
+        batch_sh = {
+            k: NamedSharding(
+                mesh,
+                parallel.logical_to_spec(
+                    ("act_batch",) + (None,) * (len(shape) - 1), shape, mesh, rules
+                ),
+            )
+            for k, (shape, _) in spec.items()
+        }
+        abstract_batch = {
+            k: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=batch_sh[k])
+            for k, (shape, dtype) in spec.items()
+        }
+        step_fn = make_train_step(task, graphdef, optimizer, config)
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(shardings, batch_sh),
+            out_shardings=(shardings, None),
+            donate_argnums=(0,),
+        )
+        t0 = time.perf_counter()
+        compiled = jitted.lower(
+            abstract_with_shardings(abstract, shardings), abstract_batch
+        ).compile()
+        if is_main:
+            print(f"train step compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+            if config.debug.print_memory:
+                _print_memory(compiled)
+
+        writer = MetricWriter(workdir, enabled=is_main)
+        progress = Progress(total, global_batch, start)
+        losses: dict[int, float] = {}
+        logged: dict[str, float] = {}
+        pending: tuple[int, Any] | None = None
+        ckpt_every = int(config.checkpoint_every)
+        step_sleep = float(config.debug.step_sleep)
+
+        def check(step_done: int, metrics_dev: Any) -> dict[str, float]:
+            m = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+            losses[step_done] = m["loss"]
+            if not all(math.isfinite(v) for k, v in m.items() if k == "loss" or "grad" in k):
+                writer.write(step_done, m)
+                writer.close()
+                log.error("non-finite loss/gradients at step %d: %s", step_done, m)
+                raise NonFiniteError(step_done, m)
+            if step_done % int(config.log_every) == 0 or step_done == last:
+                writer.write(step_done, m)
+                if is_main:
+                    progress.print(step_done, m)
+            return m
+
+        try:
+            for step in range(start, last):
+                host = _host_batch(next(data_iter), spec)
+                batch = {
+                    k: jax.make_array_from_process_local_data(batch_sh[k], v, spec[k][0])
+                    for k, v in host.items()
+                }
+                state, metrics = compiled(state, batch)
+                if step_sleep:
+                    time.sleep(step_sleep)
+                # Read the previous step's metrics while this one runs.
+                if pending is not None:
+                    logged = check(*pending)
+                pending = (step + 1, metrics)
+                if step == start:
+                    jax.block_until_ready(metrics)
+                    progress.start(step + 1)
+                done = step + 1
+                if (ckpt_every and done % ckpt_every == 0) or done == last:
+                    logged = check(*pending)  # never save a state whose step went non-finite
+                    pending = None
+                    ckpt.save(done, state, data_iter)
+            if pending is not None:
+                logged = check(*pending)
+        finally:
+            ckpt.close()
+            writer.close()
+            close = getattr(data_iter, "close", None)
+            if close is not None:
+                close()
+
+    return TrainResult(
+        step=max(last, start),
+        metrics=logged,
+        losses=losses,
+        seconds=time.perf_counter() - t_start,
+        graphdef=graphdef if keep_state else None,
+        state=state if keep_state else None,
+    )

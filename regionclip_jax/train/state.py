@@ -1,0 +1,121 @@
+"""The train state: a pure pytree (dict of arrays) that jit, Orbax and shardings all take.
+
+  state = {
+    "params":    nnx.State of arrays   trainable variables (nnx.Param), raw values
+    "rest":      nnx.State of arrays   other variables (frozen-BN statistics, ...), never updated
+    "opt_state": optax state           shaped by `optim.make_optimizer`
+    "step":      int32[]               number of updates applied
+    "rng":       uint32[2]             base key; step t uses fold_in(rng, t) (resume-exact)
+  }
+
+The model is rebuilt inside the step with `nnx.merge(graphdef, params, rest)`; splitting the
+model once (not per step) keeps Python overhead out of the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from regionclip_jax import parallel
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def pure(state: nnx.State) -> nnx.State:
+    """The same State with raw arrays instead of Variable objects as leaves."""
+    return jax.tree.map(lambda v: v.get_value(), state, is_leaf=_is_var)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, pure params, pure rest) of `model` (concrete or abstract)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, pure(params), pure(rest)
+
+
+def merge(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.Module:
+    return nnx.merge(graphdef, params, rest)
+
+
+def abstract_train_state(
+    build_model: Callable[[], nnx.Module],
+    tx: Callable[[Any], optax.GradientTransformation],
+    mesh: Mesh,
+    rules: Any,
+) -> tuple[nnx.GraphDef, Any, Any, optax.GradientTransformation]:
+    """Shapes and shardings of the train state, without allocating it.
+
+    Args:
+      build_model: builds the model (called under `nnx.eval_shape` only).
+      tx: params (pure, abstract) -> optax transformation.
+      mesh, rules: the mesh and logical-axis rules for parameter shardings.
+
+    Returns:
+      (graphdef, abstract state (ShapeDtypeStructs), shardings (same tree), optimizer).
+    """
+    abstract_model = nnx.eval_shape(build_model)
+    graphdef, params_v, rest_v = nnx.split(abstract_model, nnx.Param, ...)
+    params_sh = parallel.state_shardings(params_v, mesh, rules)
+    rest_sh = parallel.state_shardings(rest_v, mesh, rules)
+    params, rest = pure(params_v), pure(rest_v)
+    optimizer = tx(params)
+    opt_abs = jax.eval_shape(optimizer.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Moments live where their parameters live; counters etc. are replicated.
+    opt_sh = optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        opt_abs,
+        params_sh,
+        transform_non_params=lambda _: replicated,
+    )
+    abstract = {
+        "params": params,
+        "rest": rest,
+        "opt_state": opt_abs,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    shardings = {
+        "params": params_sh,
+        "rest": rest_sh,
+        "opt_state": opt_sh,
+        "step": replicated,
+        "rng": replicated,
+    }
+    return graphdef, abstract, shardings, optimizer
+
+
+def init_train_state(
+    build_model: Callable[[nnx.Rngs], nnx.Module],
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    shardings: Any,
+) -> Any:
+    """The initial train state, born sharded (jit with out_shardings: no full host copy).
+
+    `build_model(rngs)` is traced with `nnx.Rngs(params=fold_in(key(seed), 0))`; the state's base
+    rng is `fold_in(key(seed), 1)`.
+    """
+
+    def init():
+        key = jax.random.PRNGKey(seed)
+        model = build_model(nnx.Rngs(jax.random.fold_in(key, 0)))
+        _, params, rest = split_model(model)
+        return {
+            "params": params,
+            "rest": rest,
+            "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.fold_in(key, 1),
+        }
+
+    return jax.jit(init, out_shardings=shardings)()

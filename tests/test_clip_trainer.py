@@ -1,0 +1,101 @@
+"""Image-level CLIP training: the loss against a NumPy CLIP reference (learned and fixed
+temperature) and learning on ShapesWorld with the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from regionclip_jax.train import clip_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(data_dir: str, **overrides):
+    spec = importlib.util.spec_from_file_location(
+        "cfg_clip_sw", REPO / "configs/clip_shapesworld.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(f"runlocal,data={data_dir}")
+    c.unlock()
+    c.model.overrides.update(
+        embed_dim=32, vision_width=8, transformer_width=32, transformer_heads=1,
+        transformer_layers=1, context_length=16,
+    )  # fmt: skip
+    c.data.context_length = 16
+    c.async_checkpointing = False
+    c.debug.print_memory = False
+    c.update(overrides)
+    return c
+
+
+def _np_clip_loss(img: np.ndarray, txt: np.ndarray, logit_scale: float) -> float:
+    """OpenAI CLIP's loss: scaled cosine logits, mean CE of rows and of columns, averaged."""
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    logits = logit_scale * img.astype(np.float64) @ txt.T.astype(np.float64)
+
+    def ce(z):
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return -np.mean(np.diag(logp))
+
+    return 0.5 * (ce(logits) + ce(logits.T))
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_clip_loss_matches_numpy_reference(tmp_path, learn):
+    cfg = _config(str(tmp_path))
+    cfg.loss.learn_temperature = learn
+    cfg.loss.temperature = 0.05
+    task = clip_trainer.ClipTask(cfg)
+    model = nnx.jit(lambda: task.build_model(nnx.Rngs(0)))()  # jit: eager init is slow
+    rng = np.random.default_rng(0)
+    batch = {
+        "images": jnp.asarray(rng.normal(size=(6, 64, 64, 3)).astype(np.float32)),
+        "tokens": jnp.asarray(rng.integers(1, 1000, size=(6, 16)).astype(np.int32)),
+    }
+    # A logit_scale above CLIP's cap log(100) is clamped to it in the learned case.
+    model.logit_scale[...] = jnp.float32(math.log(150.0))
+    loss, metrics = nnx.jit(lambda m, b: task.loss(m, b, None, 0))(model, batch)
+    img, txt = (np.asarray(x) for x in nnx.jit(task.embed)(model, batch))
+    scale = 100.0 if learn else 1 / 0.05
+    np.testing.assert_allclose(float(loss), _np_clip_loss(img, txt, scale), rtol=1e-5)
+    assert float(metrics["temperature"]) == pytest.approx(1 / scale, rel=1e-6)
+
+    # Below the cap the learned temperature is trainable; the fixed one never is.
+    model.logit_scale[...] = jnp.float32(math.log(10.0))
+    grads = nnx.jit(nnx.grad(lambda m: task.loss(m, batch, None, 0)[0]))(model)
+    g = float(grads["logit_scale"][...] if isinstance(grads, dict) else grads.logit_scale[...])
+    assert (g != 0.0) == learn
+
+
+def test_tiny_clip_learns_shapesworld(tmp_path):
+    from regionclip_jax.data import shapesworld
+
+    data = tmp_path / "sw"
+    shapesworld.generate(data, num_train=32, num_val=16, seed=1, image_size=64)
+    cfg = _config(str(data), total_steps=40, log_every=1, checkpoint_every=0)
+    cfg.data.batch_size = 16
+    cfg.optim.update(lr=2e-3, warmup_steps=5, decay_steps=(), weight_decay=0.0)
+    result = clip_trainer.run(cfg, str(tmp_path / "w"))
+    losses = np.array([result.losses[s] for s in sorted(result.losses)])
+    assert len(losses) == 40 and np.all(np.isfinite(losses))
+    # Chance is log(16) = 2.77; the tiny model must get clearly below where it started.
+    first, last = losses[:5].mean(), losses[-5:].mean()
+    assert first > 2.6
+    assert last < first - 0.4, (first, last)
+    assert "val_i2t_top1" in result.metrics
+    # TensorBoard event file (tensorboardX) and JSONL next to the checkpoints.
+    events = list((tmp_path / "w").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert len((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) == 40
+    assert jax.device_count() == 1

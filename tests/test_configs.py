@@ -1,0 +1,155 @@
+"""Experiment configs and their validation: every config resolves and validates; unknown keys and
+inconsistent values fail before anything is compiled, with a message naming the key."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from regionclip_jax.train import config_validation, loop
+from regionclip_jax.train.config_validation import ConfigError, validate
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ["clip_shapesworld"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_configs_resolve_and_validate(name, arg):
+    module = _load(name)
+    cfg = module.get_config(arg)
+    validate(cfg, num_devices=1)
+    validate(cfg, num_devices=8)  # the default mesh takes every device as data parallel
+    assert "python -m regionclip_jax.main --config=configs/" in module.__doc__
+    assert cfg.is_locked
+
+
+def test_runlocal_is_small():
+    full, local = (
+        _load("clip_shapesworld").get_config(),
+        _load("clip_shapesworld").get_config("runlocal"),
+    )
+    assert local.total_steps < full.total_steps and local.data.batch_size < full.data.batch_size
+
+
+def test_config_args_are_parsed_and_unknown_args_fail():
+    cfg = _load("clip_shapesworld").get_config("res=96,steps=30,batch=16")
+    assert cfg.data.canvas == (96, 96) and cfg.model.overrides.image_resolution == 96
+    assert cfg.total_steps == 30 and cfg.data.batch_size == 16
+    assert cfg.optim.lr == pytest.approx(1e-3 * 16 / 64)  # the linear LR-scaling rule
+    with pytest.raises(ValueError, match="'reslution'"):
+        _load("clip_shapesworld").get_config("reslution=96")
+
+
+def _base():
+    cfg = _load("clip_shapesworld").get_config("runlocal")
+    cfg.unlock()
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda c: c.optim.__setitem__("lrr", 0.1), "optim.lrr"),
+        (lambda c: c.__setitem__("totl_steps", 3), "totl_steps"),
+        (lambda c: c.data.shapesworld.__setitem__("num_trian", 3), "data.shapesworld.num_trian"),
+        (lambda c: c.__setitem__("mode", "detect"), "mode"),
+        (lambda c: c.optim.__setitem__("name", "lamb"), "optim.name"),
+        (lambda c: c.optim.__setitem__("decay_steps", (20, 10)), "optim.decay_steps"),
+        (lambda c: c.optim.__setitem__("freeze", ("visual/(",)), "optim.freeze"),
+        (lambda c: c.data.__setitem__("canvas", (96, 96)), "data.canvas"),
+        (
+            lambda c: c.model.overrides.__setitem__("image_resolution", 80),
+            "model.overrides.image_resolution",
+        ),
+        (lambda c: c.model.overrides.__setitem__("vision_widht", 8), "model"),
+        (lambda c: c.mesh.__setitem__("data", 3), "mesh"),
+        (lambda c: c.mesh.__setitem__("pipeline", 1), "mesh.pipeline"),
+    ],
+)
+def test_bad_configs_name_the_key(edit, key):
+    cfg = _base()
+    edit(cfg)
+    with pytest.raises(ConfigError, match=f"config\\.{key}"):
+        validate(cfg, num_devices=4)
+
+
+def test_batch_not_divisible_by_data_axis_fails_naming_the_key():
+    cfg = _base()
+    cfg.data.batch_size = 6
+    cfg.mesh.update(data=4, fsdp=1)
+    with pytest.raises(ConfigError, match=r"config\.data\.batch_size.*data x fsdp = 4"):
+        validate(cfg, num_devices=4)
+    cfg.mesh.update(data=2, fsdp=2)
+    with pytest.raises(ConfigError, match=r"config\.data\.batch_size"):
+        validate(cfg, num_devices=4)
+    cfg.data.batch_size = 8
+    validate(cfg, num_devices=4)
+
+
+class _NoCompileTask:
+    """A task that fails the test if the loop gets as far as building or compiling anything."""
+
+    def build_model(self, rngs):
+        raise AssertionError("model built before the config was validated")
+
+    def dataset(self, *a):
+        raise AssertionError("data opened before the config was validated")
+
+    batch_spec = loss = dataset
+
+
+def test_train_validates_before_any_compile(tmp_path):
+    cfg = _base()
+    cfg.data.batch_size = 3
+    cfg.mesh.update(data=1, fsdp=1)
+    validate(cfg, num_devices=1)  # valid on one device...
+    cfg.optim.momentum_typo = 0.9  # ...but not with an unknown key
+    with pytest.raises(ConfigError, match=r"config\.optim\.momentum_typo"):
+        loop.train(cfg, str(tmp_path), _NoCompileTask())
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_command_line_override_of_unknown_key_fails_naming_it(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "regionclip_jax.main",
+            "--config=configs/clip_shapesworld.py:runlocal",
+            f"--workdir={tmp_path}",
+            "--config.optim.lrr=0.1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_schema_matches_validation():
+    # Every key of the schema validates (no key the validator forgets to allow).
+    cfg = config_validation.base_config()
+    cfg.data.train = "/nonexistent"
+    cfg.model.overrides = ml_collections.ConfigDict(
+        _load("common").tiny_clip_model(resolution=128, context_length=77)
+    )
+    validate(cfg, num_devices=1)

@@ -1,0 +1,283 @@
+"""The shared train loop and its optimiser: resume-exactness after SIGKILL, 8-device equality,
+the NaN guard, and the optimiser against NumPy references of torch/detectron2 semantics.
+
+The loop runs the image-level CLIP task on a tiny ShapesWorld (generated once per module).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from regionclip_jax.train import clip_trainer, loop, optim
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
+    """clip_shapesworld:runlocal shrunk to a model that compiles and steps fast on 2 cores."""
+    c = load_config_module("clip_shapesworld").get_config(f"runlocal,data={data_dir}")
+    c.unlock()
+    c.model.overrides.update(
+        embed_dim=32, vision_width=8, transformer_width=32, transformer_heads=1,
+        transformer_layers=1, context_length=16,
+    )  # fmt: skip
+    c.data.shapesworld.dir = data_dir
+    c.data.context_length = 16
+    c.async_checkpointing = False
+    c.debug.print_memory = False
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="module")
+def sw_dir(tmp_path_factory):
+    from regionclip_jax.data import shapesworld
+
+    d = tmp_path_factory.mktemp("sw")
+    shapesworld.generate(d, num_train=96, num_val=16, seed=0, image_size=64)
+    return str(d)
+
+
+def _losses_from_jsonl(workdir: Path) -> dict[int, float]:
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = float(row["loss"])  # a resumed run overwrites the steps it redoes
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after SIGKILL
+
+
+def _main_cmd(cfg_file: Path, workdir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "regionclip_jax.main",
+        f"--config={cfg_file}",
+        f"--workdir={workdir}",
+    ]
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_resumes_exactly(sw_dir, tmp_path):
+    cfg = tiny_config(
+        sw_dir, total_steps=16, log_every=1, checkpoint_every=4, **{"debug.step_sleep": 0.3}
+    )
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        textwrap.dedent(
+            f"""
+            import ml_collections
+
+            def get_config(arg=None):
+                return ml_collections.ConfigDict({cfg.to_dict()!r})
+            """
+        )
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # Uninterrupted reference run.
+    ref_dir = tmp_path / "ref"
+    proc = subprocess.run(
+        _main_cmd(cfg_file, ref_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = _losses_from_jsonl(ref_dir)
+    assert sorted(ref) == list(range(1, 17))
+
+    # Killed run: SIGKILL once the step-8 checkpoint is complete (mid-way through the run).
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen(
+        _main_cmd(cfg_file, run_dir), cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "8" / "state").exists():
+        assert p.poll() is None and time.time() < deadline, "run ended before its step-8 checkpoint"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed = _losses_from_jsonl(run_dir)
+    assert max(killed) < 16, "the run was not killed mid-way"
+    ckpts = sorted(int(d.name) for d in (run_dir / "checkpoints").iterdir() if d.name.isdigit())
+    resumed_from = max(ckpts)
+
+    proc = subprocess.run(
+        _main_cmd(cfg_file, run_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints'}/{resumed_from}" in proc.stdout
+    resumed = _losses_from_jsonl(run_dir)
+    after = [s for s in range(resumed_from + 1, 17)]
+    assert after, "nothing left to compare"
+    np.testing.assert_array_equal([resumed[s] for s in after], [ref[s] for s in after])
+
+
+# ---------------------------------------------------------------------------------------------
+# 8 fake devices (data x fsdp) == 1 device
+
+_MULTI = """
+import json, sys
+from regionclip_jax.train import clip_trainer
+sys.path.insert(0, {tests!r})
+from test_train_loop import tiny_config
+cfg = tiny_config({data!r}, total_steps=4, log_every=1, mesh={{"data": 4, "fsdp": 2, "model": 1}})
+import jax
+assert jax.device_count() == 8
+r = clip_trainer.run(cfg, {workdir!r}, keep_state=False)
+print("LOSSES", json.dumps(r.losses))
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(sw_dir, tmp_path):
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        # 8 fake devices on 2 shared cores: CPU collectives can wait far longer than XLA's 40 s
+        # default rendezvous timeout, which aborts the process.
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+        " --xla_cpu_collective_timeout_seconds=600",
+    }
+    code = _MULTI.format(tests=str(REPO / "tests"), data=sw_dir, workdir=str(tmp_path / "multi"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("LOSSES"))
+    multi = {int(k): v for k, v in json.loads(line[len("LOSSES") :]).items()}
+
+    assert jax.device_count() == 1
+    single = clip_trainer.run(
+        tiny_config(sw_dir, total_steps=4, log_every=1), str(tmp_path / "single"), keep_state=False
+    ).losses
+    assert sorted(multi) == sorted(single) == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        [multi[s] for s in sorted(multi)], [single[s] for s in sorted(single)], rtol=2e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN guard
+
+
+def test_nan_guard_stops_with_step_and_module_norms(sw_dir, tmp_path):
+    cfg = tiny_config(sw_dir, total_steps=6, log_every=1, checkpoint_every=2)
+    cfg.unlock()
+    cfg.debug.nan_at_step = 3
+    workdir = tmp_path / "nan"
+    with pytest.raises(loop.NonFiniteError) as info:
+        clip_trainer.run(cfg, str(workdir))
+    err = info.value
+    assert err.step == 3
+    assert math.isnan(err.metrics["loss"])
+    assert math.isnan(err.metrics["grad_norm/visual"])
+    assert "grad_norm/transformer" in str(err) and "step 3" in str(err)
+    # The step-2 checkpoint exists; nothing was saved at or after the bad step.
+    saved = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved == [2]
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["loss"] == "nan"
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser: NumPy references written from torch.optim.SGD / detectron2 semantics
+
+
+def _optim_cfg(**kw) -> ml_collections.ConfigDict:
+    from regionclip_jax.train.config_validation import base_config
+
+    o = base_config().optim
+    o.update(kw)
+    return o
+
+
+def test_lr_schedule_is_detectron2_warmup_multistep():
+    o = _optim_cfg(lr=0.02, warmup_steps=10, warmup_factor=0.001, decay_steps=(30, 50),
+                   decay_factor=0.1)  # fmt: skip
+    sched = optim.lr_schedule(o)
+    for step in (0, 1, 5, 9, 10, 29, 30, 49, 50, 80):
+        # detectron2 WarmupMultiStepLR: factor = wf (1 - a) + a, a = it / warmup, below warmup.
+        warm = 0.001 * (1 - step / 10) + step / 10 if step < 10 else 1.0
+        expected = 0.02 * warm * 0.1 ** sum(step >= s for s in (30, 50))
+        assert float(sched(step)) == pytest.approx(expected, rel=1e-6)
+        assert optim.lr_at(o, step) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sgd_momentum_decay_per_param_clip_and_freeze_match_numpy():
+    rng = np.random.default_rng(0)
+    params = {
+        "visual": {"conv1": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
+                   "layer1": {"0": {"bias": rng.normal(size=(4,)).astype(np.float32)}},
+                   "head": {"kernel": rng.normal(size=(4, 2)).astype(np.float32)}},
+        "logit_scale": np.float32(2.0),
+    }  # fmt: skip
+    o = _optim_cfg(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.01, decay_min_ndim=0,
+                   clip_grad_norm=1.5, freeze=(r"^visual/conv1/", r"^visual/layer1/"))  # fmt: skip
+    tx = optim.make_optimizer(o, params)
+    p = jax.tree.map(jnp.asarray, params)
+    st = tx.init(p)
+    ref = jax.tree.map(np.array, params)
+    buf = jax.tree.map(np.zeros_like, params)
+    frozen = {"visual/conv1/kernel", "visual/layer1/0/bias"}
+    for _ in range(3):
+        grads = jax.tree.map(lambda x: rng.normal(size=np.shape(x)).astype(np.float32) * 3, params)
+        upd, st = tx.update(jax.tree.map(jnp.asarray, grads), st, p)
+        p = jax.tree.map(lambda a, b: a + b, p, upd)
+        # torch: clip_grad_norm_ per tensor, then SGD(weight_decay) adds wd * p, momentum buffer.
+        flat_g = dict(zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(grads)))
+        flat_r = dict(zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(ref)))
+        flat_b = dict(zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(buf)))
+        for name, g in flat_g.items():
+            if name in frozen:
+                continue
+            g = g.astype(np.float64) * min(1.0, 1.5 / (np.linalg.norm(g) + 1e-6))
+            g = g + 0.01 * flat_r[name]
+            flat_b[name][...] = 0.9 * flat_b[name] + g
+            flat_r[name][...] = flat_r[name] - 0.1 * flat_b[name]
+    for name, value in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(p)):
+        np.testing.assert_allclose(np.asarray(value), flat_r[name], rtol=1e-5, atol=1e-6)
+        if name in frozen:
+            orig = dict(zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(params)))
+            np.testing.assert_array_equal(np.asarray(value), orig[name])
+
+
+def test_adamw_skips_decay_below_min_ndim():
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+    o = _optim_cfg(name="adamw", lr=0.1, weight_decay=0.5, decay_min_ndim=2)
+    tx = optim.make_optimizer(o, params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    upd, _ = tx.update(zero, tx.init(params), params)
+    # Zero gradients: only decoupled decay moves a parameter: -lr * wd * p for decayed ones.
+    np.testing.assert_allclose(np.asarray(upd["w"]), -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(upd["b"]), 0.0)
