@@ -77,3 +77,21 @@ def test_subsample_labels_counts_membership_and_randomness():
                 seen[idx[ok]] += 1
     # Random subsets: over 5 keys the 16 of 37 foreground picks must not repeat the same set.
     assert (seen[seen > 0]).size > int(num * frac) + (num - int(num * frac))
+
+
+def test_matcher_and_sampling_vmap_over_images():
+    rng = np.random.default_rng(2)
+    q = rng.uniform(0, 1, (2, 6, 50)).astype(np.float32)
+    valid = np.array([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], bool)
+    matcher = Matcher((0.3, 0.7), (0, -1, 1), True)
+    m, lab = jax.jit(jax.vmap(matcher.__call__))(q, valid)
+    labels = rng.integers(-1, 4, (2, 50))
+    keys = jax.random.split(jax.random.key(0), 2)
+    sample_one = jax.jit(lambda lb, k: subsample_labels(lb, 16, 0.25, 3, k))
+    samp = jax.jit(jax.vmap(sample_one))(labels, keys)
+    for i in range(2):
+        want_m, want_l = _np_matcher(q[i][valid[i]], (0.3, 0.7), (0, -1, 1), True)
+        np.testing.assert_array_equal(np.asarray(m[i]), want_m)
+        np.testing.assert_array_equal(np.asarray(lab[i]), want_l)
+        for got, want in zip(samp, sample_one(labels[i], keys[i])):
+            np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))

@@ -197,3 +197,21 @@ def test_find_top_rpn_proposals_follows_detectron2_steps():
         np.testing.assert_allclose(np.asarray(boxes[i])[v], cb[keep], rtol=0, atol=0)
         np.testing.assert_array_equal(np.asarray(scores[i])[v], cs[keep])
         assert np.all(np.asarray(scores[i])[~v] == -np.inf)
+
+
+def test_nms_ops_vmap_over_images():
+    """Per-image results are unchanged under `jax.vmap` (padded, fixed-size outputs)."""
+    rng = np.random.default_rng(5)
+    data = [_boxes_with_ties(rng, 150) for _ in range(2)]
+    b = np.stack([d[0] for d in data])
+    s = np.stack([d[1] for d in data])
+    cls = rng.integers(0, 3, (2, 150))
+    hard_one = jax.jit(lambda b, s, c: N.batched_nms(b, s, c, 0.5, 40))
+    soft_one = jax.jit(lambda b, s, c: N.soft_nms(b, s, c, 0.5, 0.001, 40))
+    hard = jax.jit(jax.vmap(hard_one))(b, s, cls)
+    soft = jax.jit(jax.vmap(soft_one))(b, s, cls)
+    for i in range(2):
+        for got, want in zip(hard, hard_one(b[i], s[i], cls[i])):
+            np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
+        for got, want in zip(soft, soft_one(b[i], s[i], cls[i])):
+            np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))

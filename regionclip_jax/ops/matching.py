@@ -49,9 +49,9 @@ class Matcher:
           matches: `[N]` int32 index of the best GT for each prediction (ties: lowest index).
           match_labels: `[N]` int32 in {-1, 0, 1}.
         """
+        quality = jnp.asarray(quality)
         g, _ = quality.shape
-        if gt_valid is None:
-            gt_valid = jnp.ones((g,), bool)
+        gt_valid = jnp.ones((g,), bool) if gt_valid is None else jnp.asarray(gt_valid)
         q = jnp.where(gt_valid[:, None], quality, -1.0)
         best = q.max(axis=0)
         matches = jnp.argmax(q, axis=0).astype(jnp.int32)

@@ -74,6 +74,7 @@ def nms(
       indices: `[max_output_size]` int32 indices into `boxes`, by decreasing score; -1 padding.
       valid: `[max_output_size]` bool.
     """
+    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
     n = boxes.shape[0]
     t = int(max(1, min(tile_size, n)))
     n_tiles = -(-n // t)
@@ -84,7 +85,7 @@ def nms(
     sboxes = jnp.pad(boxes[order], ((0, pad), (0, 0)))
     sok = jnp.pad(ok[order], (0, pad))
     if classes is not None:
-        scls = jnp.pad(classes[order], (0, pad))
+        scls = jnp.pad(jnp.asarray(classes)[order], (0, pad))
     else:
         scls = jnp.zeros((n_tiles * t,), jnp.int32)
     upper = jnp.arange(t)[:, None] < jnp.arange(t)[None, :]  # i before j within a tile
@@ -189,9 +190,10 @@ def soft_nms(
         (detectron2 replaces the detection scores with these), 0 in padding.
       valid: `[max_output_size]` bool.
     """
+    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
     n = boxes.shape[0]
     alive0 = _selectable(scores, valid)
-    cls = jnp.zeros((n,), jnp.int32) if classes is None else classes
+    cls = jnp.zeros((n,), jnp.int32) if classes is None else jnp.asarray(classes)
     scores = scores.astype(jnp.float32)
 
     def step(k, state):

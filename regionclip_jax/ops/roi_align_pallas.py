@@ -18,8 +18,8 @@ Each program handles one RoI and one block of `block_channels` channels:
 so nothing but the output leaves the kernel (the einsum path writes a `[chunk, H, ow, C]`
 intermediate to HBM), and rows outside the RoI are never read. Scalars (image, first row, row
 count) come through scalar prefetch on TPU, so the feature block `[H, W_pad, cb]` of the RoI's
-image is DMA'd by the pipeline (and reused across consecutive RoIs of the same image); `Wy` sits in
-SMEM for the scalar reads. On GPU (Triton) every block dimension must be a power of two, so `ow`,
+image is DMA'd by the pipeline (grid order (channel block, RoI): consecutive RoIs of one image
+reuse the block); `Wy` sits in SMEM for the scalar reads. On GPU (Triton) every block dimension must be a power of two, so `ow`,
 `W` and `oh` are padded to powers of two (>= 16 for `tl.dot`), and the features are read
 row by row from global memory (no BlockSpec). The backward pass (a custom VJP) is the transposed
 dense contraction of `roi_align.py` ("einsum" path), exact like the forward.
@@ -53,12 +53,12 @@ def _kernel(image_ref, lo_ref, cnt_ref, wy_ref, wx_ref, f_ref, o_ref, *, oh, tpu
       o_ref: `[1, oh_pad, ow_pad, cb]`.
     """
     if tpu:
-        n = pl.program_id(0)
+        n = pl.program_id(1)
         lo, cnt = lo_ref[n], cnt_ref[n]
     else:
         lo, cnt = lo_ref[0], cnt_ref[0]
         img = image_ref[0]
-        c0 = pl.program_id(1) * cb
+        c0 = pl.program_id(0) * cb
     wx = wx_ref[0]
     ow_pad = wx.shape[0]
 
@@ -102,7 +102,9 @@ def _pallas_forward(
     wy_t = jnp.pad(jnp.swapaxes(wy, 1, 2), ((0, 0), (0, h_pad - h), (0, oh_pad - oh)))
     wx_p = jnp.pad(wx, ((0, 0), (0, ow_pad - ow), (0, w_pad - w))).astype(features.dtype)
     feat = jnp.pad(features, ((0, 0), (0, 0), (0, w_pad - w), (0, 0)))
-    grid = (n, c // cb)
+    # Channel blocks outer, RoIs inner: consecutive programs of one image keep the same feature
+    # block index, so the TPU pipeline does not re-fetch it.
+    grid = (c // cb, n)
     out_shape = jax.ShapeDtypeStruct((n, oh_pad, ow_pad, c), features.dtype)
     kernel = functools.partial(_kernel, oh=oh, tpu=tpu, cb=cb)
     if tpu:
@@ -113,18 +115,18 @@ def _pallas_forward(
             grid=grid,
             in_specs=[
                 pl.BlockSpec(
-                    (1, h_pad, oh_pad), lambda i, k, *_: (i, 0, 0), memory_space=pltpu.SMEM
+                    (1, h_pad, oh_pad), lambda k, i, *_: (i, 0, 0), memory_space=pltpu.SMEM
                 ),
-                pl.BlockSpec((1, ow_pad, w_pad), lambda i, k, *_: (i, 0, 0)),
-                pl.BlockSpec((1, h, w_pad, cb), lambda i, k, img, *_: (img[i], 0, 0, k)),
+                pl.BlockSpec((1, ow_pad, w_pad), lambda k, i, *_: (i, 0, 0)),
+                pl.BlockSpec((1, h, w_pad, cb), lambda k, i, img, *_: (img[i], 0, 0, k)),
             ],
-            out_specs=pl.BlockSpec((1, oh_pad, ow_pad, cb), lambda i, k, *_: (i, 0, 0, k)),
+            out_specs=pl.BlockSpec((1, oh_pad, ow_pad, cb), lambda k, i, *_: (i, 0, 0, k)),
         )
         out = pl.pallas_call(
             kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=interpret or False
         )(image, first, count, wy_t, wx_p, feat)
     else:
-        scalar = pl.BlockSpec((1,), lambda i, k: (i,))
+        scalar = pl.BlockSpec((1,), lambda k, i: (i,))
         out = pl.pallas_call(
             kernel,
             out_shape=out_shape,
@@ -133,11 +135,11 @@ def _pallas_forward(
                 scalar,
                 scalar,
                 scalar,
-                pl.BlockSpec((1, h_pad, oh_pad), lambda i, k: (i, 0, 0)),
-                pl.BlockSpec((1, ow_pad, w_pad), lambda i, k: (i, 0, 0)),
+                pl.BlockSpec((1, h_pad, oh_pad), lambda k, i: (i, 0, 0)),
+                pl.BlockSpec((1, ow_pad, w_pad), lambda k, i: (i, 0, 0)),
                 pl.no_block_spec,  # whole array, read row by row in the kernel
             ],
-            out_specs=pl.BlockSpec((1, oh_pad, ow_pad, cb), lambda i, k: (i, 0, 0, k)),
+            out_specs=pl.BlockSpec((1, oh_pad, ow_pad, cb), lambda k, i: (i, 0, 0, k)),
             interpret=interpret,
         )(image, first, count, wy_t, wx_p, feat)
     return out[:, :oh, :ow]

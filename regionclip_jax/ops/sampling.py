@@ -36,8 +36,9 @@ def subsample_labels(
       is_foreground: `[num_samples]` bool.
       valid: `[num_samples]` bool; `valid.sum() = num_pos + num_neg` as in detectron2.
     """
+    labels = jnp.asarray(labels)
     n = labels.shape[0]
-    ok = jnp.ones((n,), bool) if valid is None else valid
+    ok = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid)
     fg = ok & (labels != -1) & (labels != bg_label)
     bg = ok & (labels == bg_label)
     max_pos = int(num_samples * positive_fraction)
