@@ -168,6 +168,9 @@ def test_eight_devices_match_one(sw_dir, tmp_path):
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"
         " --xla_cpu_collective_call_terminate_timeout_seconds=600"
         " --xla_cpu_collective_timeout_seconds=600",
+        # A cached multi-device CPU executable hangs in its first all-gather (jax 0.10.2); the loop
+        # also turns the cache off itself (loop.avoid_cpu_multidevice_cache_hang).
+        "JAX_ENABLE_COMPILATION_CACHE": "false",
     }
     code = _MULTI.format(tests=str(REPO / "tests"), data=sw_dir, workdir=str(tmp_path / "multi"))
     proc = subprocess.run(
@@ -281,3 +284,31 @@ def test_adamw_skips_decay_below_min_ndim():
     # Zero gradients: only decoupled decay moves a parameter: -lr * wd * p for decayed ones.
     np.testing.assert_allclose(np.asarray(upd["w"]), -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(upd["b"]), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent-cache guard for multi-device CPU runs
+
+_CACHE_GUARD = """
+import jax
+from regionclip_jax.train import loop
+assert jax.config.jax_enable_compilation_cache
+print("GUARD", loop.avoid_cpu_multidevice_cache_hang(), jax.config.jax_enable_compilation_cache)
+"""
+
+
+@pytest.mark.parametrize("devices, turned_off", [(8, True), (1, False)])
+def test_persistent_cache_is_turned_off_only_for_multi_device_cpu(tmp_path, devices, turned_off):
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+        "JAX_ENABLE_COMPILATION_CACHE": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _CACHE_GUARD], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"GUARD {turned_off} {not turned_off}" in proc.stdout
+    assert ("persistent compilation cache disabled" in proc.stderr) == turned_off

@@ -153,6 +153,30 @@ def _print_memory(compiled: Any) -> None:
     print("train step memory (per device): " + ", ".join(parts), flush=True)
 
 
+def avoid_cpu_multidevice_cache_hang() -> bool:
+    """Turns JAX's persistent compilation cache off for multi-device CPU runs; True if it did.
+
+    Measured with jax 0.10.2: a multi-device CPU executable with collectives that is *loaded* from
+    the persistent cache hangs in its first all-gather (every run after the one that filled the
+    cache; XLA logs "waiting for `all gather RendezvousKey...` ... may be stuck"). Compiling
+    afresh works, so the cache is skipped where the bug bites (fake CPU devices, CPU multi-process).
+    """
+    if jax.default_backend() != "cpu" or jax.local_device_count() == 1:
+        return False
+    if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+        return False
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    log.warning(
+        "persistent compilation cache disabled: cached multi-device CPU executables hang in "
+        "their collectives (jax %s)",
+        jax.__version__,
+    )
+    return True
+
+
 def _host_batch(batch: Mapping[str, np.ndarray], spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(batch[k]) for k in spec}
 
@@ -184,6 +208,7 @@ def train(
     """
     t_start = time.perf_counter()
     config_validation.validate(config, jax.device_count(), jax.process_count())
+    avoid_cpu_multidevice_cache_hang()
     is_main = jax.process_index() == 0
     mesh = parallel.mesh_from_config(config)
     rules = parallel.rules_from_config(config)
