@@ -225,6 +225,11 @@ class ShapesWorldConfig:
       categories: "shape" (10 categories) or "shape_color" (80, "red circle", ...).
       novel_shapes: shapes whose categories are `split: "novel"`.
       image_format: "png" (lossless; default) or "jpeg" (quality 95).
+      small_size, large_size: (min, max) object side as a fraction of the image side for the
+        "small" and "large" size classes (defaults: SIZE_RANGES).
+      color_mention, size_mention: probability that a caption's noun phrase names the object's
+        colour / size. Captions that name shapes only (0, 0) make an image-level CLIP learn shapes
+        rather than colours (the ShapesWorld teacher recipe, configs/pretrain_shapesworld.py).
     """
 
     image_size: int = 128
@@ -236,6 +241,10 @@ class ShapesWorldConfig:
     categories: str = "shape"
     novel_shapes: tuple[str, ...] = NOVEL_SHAPES
     image_format: str = "png"
+    small_size: tuple[float, float] = SIZE_RANGES["small"]
+    large_size: tuple[float, float] = SIZE_RANGES["large"]
+    color_mention: float = 0.75
+    size_mention: float = 0.35
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -257,6 +266,18 @@ class ShapesWorldConfig:
             raise ValueError(f"image_format must be 'png' or 'jpeg', got {self.image_format!r}")
         if self.captions_per_image < 1 or self.max_mentions < 1:
             raise ValueError("captions_per_image and max_mentions must be >= 1")
+        for name in ("small_size", "large_size"):
+            lo, hi = (float(x) for x in getattr(self, name))
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(
+                    f"{name} must be (min, max) with 0 < min <= max <= 1, got {(lo, hi)}"
+                )
+        for name in ("color_mention", "size_mention"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+
+    def size_range(self, size: str) -> tuple[float, float]:
+        return tuple(self.small_size if size == "small" else self.large_size)
 
 
 def categories(config: ShapesWorldConfig = ShapesWorldConfig()) -> list[dict[str, Any]]:
@@ -420,6 +441,8 @@ def make_captions(
     rng: np.random.Generator,
     num: int = 5,
     max_mentions: int = 3,
+    color_mention: float = 0.75,
+    size_mention: float = 0.35,
 ) -> list[str]:
     """Captions for a scene (grammar in docs/shapesworld.md).
 
@@ -429,6 +452,7 @@ def make_captions(
       rng: random generator.
       num: captions to make.
       max_mentions: most objects mentioned by one caption.
+      color_mention, size_mention: probability that a noun phrase names the colour / size.
 
     Returns:
       `num` captions. Every noun phrase "[count] [size] [colour] shape" is true of the scene:
@@ -446,8 +470,8 @@ def make_captions(
         for f in focus:
             shape, color, size = kept[f]
             d = (
-                size if rng.random() < 0.35 else None,
-                color if rng.random() < 0.75 else None,
+                size if rng.random() < size_mention else None,
+                color if rng.random() < color_mention else None,
                 shape,
             )
             matched = {
@@ -506,7 +530,7 @@ def render_scene(
         color = list(COLORS)[rng.integers(len(COLORS))]
         size = SIZES[rng.integers(len(SIZES))]
         unit, aspect = UNIT_SHAPES[shape]
-        side = rng.uniform(*SIZE_RANGES[size]) * s
+        side = rng.uniform(*config.size_range(size)) * s
         w, h = (side, side / aspect) if aspect >= 1 else (side * aspect, side)
         x0, y0 = _place(s, w, h, placed, rng)
         polygon = unit * np.array([w, h]) + np.array([x0, y0])
@@ -540,7 +564,15 @@ def render_scene(
             SceneObject(**d, visible_area=vis, kept=vis >= config.min_visible * d["area"])
         )
     kept = [(o.shape, o.color, o.size) for o in objects if o.kept]
-    captions = make_captions(kept, background, rng, config.captions_per_image, config.max_mentions)
+    captions = make_captions(
+        kept,
+        background,
+        rng,
+        config.captions_per_image,
+        config.max_mentions,
+        config.color_mention,
+        config.size_mention,
+    )
     return Scene(image, background, tuple(objects), tuple(captions))
 
 
