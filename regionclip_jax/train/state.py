@@ -69,14 +69,7 @@ def abstract_train_state(
     optimizer = tx(params)
     opt_abs = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    # Moments live where their parameters live; counters etc. are replicated.
-    opt_sh = optax.tree_map_params(
-        optimizer,
-        lambda _, s: s,
-        opt_abs,
-        params_sh,
-        transform_non_params=lambda _: replicated,
-    )
+    opt_sh = optimizer_state_shardings(opt_abs, params, params_sh, replicated)
     abstract = {
         "params": params,
         "rest": rest,
@@ -92,6 +85,34 @@ def abstract_train_state(
         "rng": replicated,
     }
     return graphdef, abstract, shardings, optimizer
+
+
+def optimizer_state_shardings(opt_abs: Any, params: Any, params_sh: Any, default: Any) -> Any:
+    """Shardings of the optimizer state: a leaf whose key path ends with a parameter's path and
+    has its shape (a moment, a trace) lives where the parameter lives; the rest (counters,
+    masked-out entries) gets `default`.
+
+    Path matching rather than `optax.tree_map_params`, which cannot follow the masked inner
+    states of `optax.multi_transform` (frozen parameters).
+    """
+    from regionclip_jax.train.optim import path_str
+
+    by_path = {}
+    for (path, leaf), sh in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(params_sh)
+    ):
+        by_path[path_str(path)] = (tuple(leaf.shape), sh)
+
+    def pick(path, leaf):
+        s = path_str(path)
+        parts = s.split("/")
+        for i in range(len(parts)):  # longest suffix first
+            hit = by_path.get("/".join(parts[i:]))
+            if hit is not None and hit[0] == tuple(getattr(leaf, "shape", ())):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abs)
 
 
 def init_train_state(
