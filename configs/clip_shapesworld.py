@@ -1,9 +1,18 @@
 r"""Image-level CLIP on ShapesWorld: the teacher for region pretraining (CPU, minutes).
 
-Launch (generates ShapesWorld into /tmp/regionclip_jax/shapesworld on first use):
+Launch (generates ShapesWorld into /tmp/regionclip_jax/shapesworld_iconic on first use):
 
   python -m regionclip_jax.main --config=configs/clip_shapesworld.py \
       --workdir=/tmp/regionclip_jax/clip_shapesworld
+
+The trained model is exported to WORKDIR/export (save_clip format): the `model.init` of
+configs/pretrain_shapesworld.py.
+
+Data: "iconic" ShapesWorld, like the one-subject photos of web image-text data: one large object
+per image (side 45-90% of the image) and captions that name its shape only. Measured: on the
+default cluttered scenes, whose captions name colours 75% of the time, an image-level CLIP learns
+colour words and its crop zero-shot accuracy over the 10 shapes stays near chance (0.12 after
+2,400 steps); on iconic scenes it reaches ~0.6 in 1,000 steps.
 
 Variants (`--config=configs/clip_shapesworld.py:ARGS`, comma separated):
   runlocal        tiny smoke run: 64 generated images, 20 steps, batch 8
@@ -41,9 +50,9 @@ def get_config(arg: str | None = None):
         arg,
         runlocal=False,
         res=64,
-        steps=1500,
+        steps=1000,
         batch=64,
-        data="/tmp/regionclip_jax/shapesworld",
+        data="/tmp/regionclip_jax/shapesworld_iconic",
     )
     c = common.training_config("clip")
     c.seed = 0
@@ -56,6 +65,10 @@ def get_config(arg: str | None = None):
     c.data.shapesworld.num_train = 4000
     c.data.shapesworld.num_val = 256
     c.data.shapesworld.image_size = a.res
+    c.data.shapesworld.min_objects = c.data.shapesworld.max_objects = 1
+    c.data.shapesworld.small_size = (0.45, 0.6)
+    c.data.shapesworld.large_size = (0.65, 0.9)
+    c.data.shapesworld.color_mention = c.data.shapesworld.size_mention = 0.0
     c.data.batch_size = a.batch
     c.data.min_size = c.data.max_size = a.res
     c.data.canvas = (a.res, a.res)
@@ -68,7 +81,8 @@ def get_config(arg: str | None = None):
     c.optim.decay_min_ndim = 2  # CLIP: no decay on gains, biases, logit_scale
     c.optim.warmup_steps = 50
     c.optim.warmup_factor = 0.0
-    c.optim.decay_steps = (int(a.steps * 0.7), int(a.steps * 0.9))
+    # The loss only starts to fall after ~500 steps; an early decay stops the learning.
+    c.optim.decay_steps = (int(a.steps * 0.9),)
     c.optim.decay_factor = 0.1
 
     if a.runlocal:

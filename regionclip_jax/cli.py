@@ -302,20 +302,22 @@ _register_inference_commands()
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes")
-    p.add_argument("--preset", default="RN50", help="CLIP architecture (random weights)")
-    p.add_argument("--num-scenes", type=int, default=16, help="ShapesWorld scenes to classify")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=int, default=1000, help="image-level CLIP steps")
+    p.add_argument("--student-steps", type=int, default=300, help="region pretraining steps")
 
 
 @command(
     "demo",
-    help="run the README's main job (interim: see the demo's first lines)",
+    help="run the README's main job: teacher CLIP -> region pretraining -> zero-shot table",
     arguments=_demo_arguments,
 )
 def _demo(args: argparse.Namespace) -> int:
     from regionclip_jax import demo
 
-    demo.run(args.out, preset=args.preset, num_scenes=args.num_scenes, seed=args.seed)
+    for name in ("teacher_steps", "student_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    demo.run(args.out, teacher_steps=args.teacher_steps, student_steps=args.student_steps)
     return 0
 
 

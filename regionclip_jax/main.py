@@ -3,7 +3,8 @@
   python -m regionclip_jax.main --config=configs/<experiment>.py[:arg] --workdir=DIR \
       [--config.key=value ...]
 
-The config's `mode` picks the trainer (`clip`: image-level CLIP). Running the same command again
+The config's `mode` picks the trainer (`clip`: image-level CLIP; `pretrain`: RegionCLIP
+region-text pretraining). Running the same command again
 resumes from the last checkpoint in DIR. Exit status: 0 done, 1 failed (bad config, NaN/Inf).
 """
 
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> None:
     mode = config.get("mode")
     if mode is None:
         print(
-            "regionclip_jax.main: the config has no `mode` (one of: clip; the pretraining and "
+            "regionclip_jax.main: the config has no `mode` (one of: clip, pretrain; the "
             "detection trainers arrive in a later issue): the config above was resolved and "
             "nothing was run.",
             file=sys.stderr,
@@ -53,6 +54,10 @@ def main(argv: list[str]) -> None:
             from regionclip_jax.train import clip_trainer
 
             result = clip_trainer.run(config, _WORKDIR.value)
+        elif mode == "pretrain":
+            from regionclip_jax.train import pretrain_trainer
+
+            result = pretrain_trainer.run(config, _WORKDIR.value)
         else:
             raise config_validation.ConfigError(
                 f"config.mode: unknown mode {mode!r}; valid: {config_validation.MODES}"

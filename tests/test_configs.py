@@ -16,7 +16,7 @@ from regionclip_jax.train import config_validation, loop
 from regionclip_jax.train.config_validation import ConfigError, validate
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["clip_shapesworld"]
+CONFIGS = ["clip_shapesworld", "pretrain_shapesworld", "pretrain_rn50_cc3m", "pretrain_rn50x4_cc3m"]
 
 
 def _load(name: str):
@@ -31,18 +31,54 @@ def _load(name: str):
 def test_configs_resolve_and_validate(name, arg):
     module = _load(name)
     cfg = module.get_config(arg)
-    validate(cfg, num_devices=1)
-    validate(cfg, num_devices=8)  # the default mesh takes every device as data parallel
     assert "python -m regionclip_jax.main --config=configs/" in module.__doc__
     assert cfg.is_locked
+    if cfg.model.init and not os.path.exists(cfg.model.init):
+        # Starts from a checkpoint the user makes first: validation says which and how.
+        with pytest.raises(ConfigError, match=r"config\.model\.init: .*model\.json not found"):
+            validate(cfg, num_devices=1)
+        return
+    validate(cfg, num_devices=1)
+    validate(cfg, num_devices=8 if cfg.data.batch_size % 8 == 0 else 2)
 
 
-def test_runlocal_is_small():
-    full, local = (
-        _load("clip_shapesworld").get_config(),
-        _load("clip_shapesworld").get_config("runlocal"),
-    )
+@pytest.mark.parametrize("name", CONFIGS)
+def test_runlocal_is_small(name):
+    full, local = _load(name).get_config(), _load(name).get_config("runlocal")
     assert local.total_steps < full.total_steps and local.data.batch_size < full.data.batch_size
+
+
+@pytest.mark.parametrize(
+    "name, preset", [("pretrain_rn50_cc3m", "RN50"), ("pretrain_rn50x4_cc3m", "RN50x4")]
+)
+def test_cc3m_configs_are_the_papers_recipe_and_scale_with_the_batch(name, preset):
+    c = _load(name).get_config()
+    assert c.mode == "pretrain" and c.data.batch_size == 96
+    assert (c.optim.name, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (
+        "sgd",
+        0.002,
+        0.9,
+        1e-4,
+    )
+    assert c.total_steps == 600_000 and tuple(c.optim.decay_steps) == (300_000, 525_000)
+    assert (c.optim.warmup_steps, c.optim.warmup_factor, c.optim.clip_grad_norm) == (
+        1000,
+        0.001,
+        5.0,
+    )
+    assert (c.data.min_size, c.data.max_size) == (800, 1333) and c.data.flip
+    assert (c.pretrain.regions, c.pretrain.num_regions, c.pretrain.group_size) == (
+        "proposals",
+        100,
+        3,
+    )
+    assert (c.pretrain.threshold, c.pretrain.temperature, c.pretrain.freeze_at) == (0.1, 0.01, 2)
+    assert c.pretrain.pooler_resolution == {"RN50": 14, "RN50x4": 18}[preset]
+    assert "4764" in c.pretrain.concepts
+    big = _load(name).get_config("batch=384")
+    assert big.optim.lr == pytest.approx(0.002 * 384 / 96)
+    assert big.total_steps == 150_000 and tuple(big.optim.decay_steps) == (75_000, 131_250)
+    assert _load(name).get_config("runlocal").model.preset == preset
 
 
 def test_config_args_are_parsed_and_unknown_args_fail():

@@ -1,7 +1,8 @@
 """The shared train loop and its optimiser: resume-exactness after SIGKILL, 8-device equality,
 the NaN guard, and the optimiser against NumPy references of torch/detectron2 semantics.
 
-The loop runs the image-level CLIP task on a tiny ShapesWorld (generated once per module).
+The loop runs the image-level CLIP task (and, for resume-after-SIGKILL, the pretraining task) on a
+tiny ShapesWorld (generated once per module).
 """
 
 from __future__ import annotations
@@ -89,10 +90,13 @@ def _main_cmd(cfg_file: Path, workdir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_and_restart_resumes_exactly(sw_dir, tmp_path):
-    cfg = tiny_config(
-        sw_dir, total_steps=16, log_every=1, checkpoint_every=4, **{"debug.step_sleep": 0.3}
-    )
+@pytest.mark.parametrize("mode", ["clip", "pretrain"])
+def test_sigkill_and_restart_resumes_exactly(sw_dir, tmp_path, mode):
+    make = tiny_config
+    if mode == "pretrain":
+        from test_pretrain import tiny_pretrain_config as make
+    cfg = make(sw_dir, total_steps=16, log_every=1, checkpoint_every=4, **{"debug.step_sleep": 0.3})
+    assert cfg.mode == mode
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text(
         textwrap.dedent(

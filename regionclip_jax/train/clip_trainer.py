@@ -56,6 +56,12 @@ def prepare_shapesworld(config: ml_collections.ConfigDict) -> None:
                 num_val=int(sw.num_val),
                 seed=int(sw.seed),
                 image_size=int(sw.image_size),
+                min_objects=int(sw.min_objects),
+                max_objects=int(sw.max_objects),
+                small_size=tuple(float(x) for x in sw.small_size),
+                large_size=tuple(float(x) for x in sw.large_size),
+                color_mention=float(sw.color_mention),
+                size_mention=float(sw.size_mention),
             )
         # Multi-host: other processes must wait for process 0 (shared file system assumed).
         if jax.process_count() > 1:
@@ -162,13 +168,25 @@ def evaluate_retrieval(
     return {"val_i2t_top1": i2t / n, "val_t2i_top1": t2i / n, "val_batches": n}
 
 
+def export_model(task: ClipTask, result: loop_lib.TrainResult, directory: str) -> None:
+    """Writes the trained CLIP as a `save_clip` checkpoint (a `model.init` for pretraining)."""
+    from regionclip_jax.convert.checkpoint import save_clip
+
+    model = state_lib.merge(result.graphdef, result.state["params"], result.state["rest"])
+    save_clip(model, directory, overwrite=True)
+    print(f"exported the trained CLIP (step {result.step}) to {directory}", flush=True)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
-    """Trains image-level CLIP (`config.mode == 'clip'`); evaluates val retrieval at the end."""
+    """Trains image-level CLIP (`config.mode == 'clip'`); at the end (single process) exports the
+    model to `workdir/export` (save_clip format) and evaluates val retrieval."""
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy for data paths
     prepare_shapesworld(config)
     task = ClipTask(config)
     kwargs.setdefault("keep_state", True)
     result = loop_lib.train(config, workdir, task, **kwargs)
+    if result.state is not None and jax.process_count() == 1:
+        export_model(task, result, os.path.join(workdir, "export"))
     if config.data.val and result.state is not None and jax.process_count() == 1:
         ev = evaluate_retrieval(
             task, result.graphdef, result.state, config.data.val, int(config.data.batch_size)

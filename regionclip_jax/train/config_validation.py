@@ -13,12 +13,14 @@ Keys under `model` free-form dicts are checked by the model's own config (CLIPCo
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
 import ml_collections
 
-MODES = ("clip",)
+MODES = ("clip", "pretrain")
+REGION_SOURCES = ("proposals", "random", "gt", "rpn")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -48,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = ""
     c.model.overrides = ml_collections.ConfigDict()
     c.model.dtype = "float32"
+    # A CLIP checkpoint dir (save_clip / `regionclip-jax convert`) to start from; it also fixes
+    # the architecture (leave preset/overrides empty). Used by mode `pretrain`.
+    c.model.init = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # shard dir / manifest / glob (shards.open_shards)
@@ -58,6 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shapesworld.num_val = 200
     c.data.shapesworld.seed = 0
     c.data.shapesworld.image_size = 128
+    # Scene options (data.shapesworld.ShapesWorldConfig); the defaults are the generator's.
+    c.data.shapesworld.min_objects = 2
+    c.data.shapesworld.max_objects = 5
+    c.data.shapesworld.small_size = (0.14, 0.22)
+    c.data.shapesworld.large_size = (0.30, 0.42)
+    c.data.shapesworld.color_mention = 0.75
+    c.data.shapesworld.size_mention = 0.35
     c.data.batch_size = 32  # global batch (all processes)
     c.data.min_size = 128
     c.data.max_size = 128
@@ -88,6 +100,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.decay_factor = 0.1
     c.optim.clip_grad_norm = 0.0
     c.optim.freeze = ()
+
+    # Mode `pretrain` (regionclip_jax.train.pretrain_trainer; spec §4).
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.regions = "proposals"  # proposals | random | gt | rpn (module docstring)
+    c.pretrain.num_regions = 100  # region slots per image (the original samples 100 of 300)
+    c.pretrain.random_min_frac = 0.1  # "random" boxes: side range, fraction of the image side
+    c.pretrain.random_max_frac = 0.6
+    c.pretrain.concepts = ""  # concepts file, "a,b,c", or "" = frequent nouns of data.train
+    c.pretrain.concept_min_count = 100  # for the "" pool (the paper's threshold)
+    c.pretrain.templates = "ensemble"  # concept prompts: "ensemble" (81) or "single"
+    c.pretrain.temperature = 0.01
+    c.pretrain.teacher_temperature = 0.01
+    c.pretrain.threshold = 0.1  # pseudo-label confidence (CONCEPT_THRES)
+    c.pretrain.group_size = 0  # images per original GPU for the region losses; 0 = whole batch
+    c.pretrain.loss_weights = (1.0, 1.0, 1.0)  # distill, concept contrastive, image-text
+    c.pretrain.freeze_at = 2  # student stem (1) + layer1 (2) frozen, as the original
+    c.pretrain.pooler_resolution = 0  # RoIAlign output; 0 = 2 x input_resolution / 32
 
     c.debug = ml_collections.ConfigDict()
     c.debug.nan_at_step = 0  # > 0: make the loss and gradients of that update NaN (tests)
@@ -208,6 +237,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     # Model: build the CLIPConfig now so a bad field fails before any compile.
     if config.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+    init = str(config.model.init)
+    if init:
+        if config.model.preset or dict(config.model.overrides):
+            _fail(
+                "model.init", "fixes the architecture: leave model.preset and model.overrides empty"
+            )
+        if not os.path.exists(os.path.join(init, "model.json")):
+            _fail(
+                "model.init",
+                f"{os.path.join(init, 'model.json')} not found: convert weights with "
+                "`regionclip-jax convert` or train mode 'clip' (it exports WORKDIR/export)",
+            )
     try:
         clip_cfg = clip_config(config)
     except (KeyError, ValueError, TypeError) as e:
@@ -215,7 +256,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     res = clip_cfg.image_resolution
     if clip_cfg.is_resnet and res % 32:
         _fail("model.overrides.image_resolution", f"a ResNet needs a multiple of 32, got {res}")
-    if tuple(int(x) for x in d.canvas) != (res, res):
+    if config.mode == "pretrain":
+        _validate_pretrain(config, clip_cfg)
+    elif tuple(int(x) for x in d.canvas) != (res, res):
         _fail(
             "data.canvas",
             f"CLIP training feeds whole canvases to the model: canvas {tuple(d.canvas)} must be "
@@ -228,9 +271,56 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         )
 
 
+def _validate_pretrain(config: ml_collections.ConfigDict, clip_cfg: Any) -> None:
+    p = config.pretrain
+    if p.regions not in REGION_SOURCES:
+        _fail("pretrain.regions", f"must be one of {REGION_SOURCES}, got {p.regions!r}")
+    if not clip_cfg.is_resnet:
+        _fail("model", "mode 'pretrain' needs a ModifiedResNet CLIP (res5 + attnpool region head)")
+    if int(p.num_regions) < 1:
+        _fail("pretrain.num_regions", f"must be >= 1, got {p.num_regions}")
+    lo, hi = float(p.random_min_frac), float(p.random_max_frac)
+    if not 0.0 < lo <= hi <= 1.0:
+        _fail(
+            "pretrain.random_min_frac",
+            f"need 0 < random_min_frac <= random_max_frac <= 1, got {lo}, {hi}",
+        )
+    if p.templates not in ("ensemble", "single"):
+        _fail("pretrain.templates", f"must be 'ensemble' or 'single', got {p.templates!r}")
+    for key in ("temperature", "teacher_temperature"):
+        if float(p[key]) <= 0:
+            _fail(f"pretrain.{key}", f"must be > 0, got {p[key]}")
+    if not 0.0 <= float(p.threshold) < 1.0:
+        _fail("pretrain.threshold", f"must be in [0, 1), got {p.threshold}")
+    group, batch = int(p.group_size), int(config.data.batch_size)
+    if group < 0 or (group and batch % group):
+        _fail("pretrain.group_size", f"must be 0 or divide the global batch {batch}, got {group}")
+    if len(p.loss_weights) != 3 or any(float(w) < 0 for w in p.loss_weights):
+        _fail("pretrain.loss_weights", f"must be 3 weights >= 0, got {tuple(p.loss_weights)}")
+    if not 0 <= int(p.freeze_at) <= 5:
+        _fail("pretrain.freeze_at", f"must be in 0..5, got {p.freeze_at}")
+    if int(p.pooler_resolution) < 0:
+        _fail("pretrain.pooler_resolution", f"must be >= 0, got {p.pooler_resolution}")
+    if int(p.concept_min_count) < 1:
+        _fail("pretrain.concept_min_count", f"must be >= 1, got {p.concept_min_count}")
+
+
 def clip_config(config: ml_collections.ConfigDict):
-    """The CLIPConfig of `config.model` (preset, then overrides)."""
+    """The CLIPConfig of `config.model`: the `init` checkpoint's, else preset then overrides."""
     from regionclip_jax.models.presets import CLIPConfig, get_preset
+
+    init = str(config.model.get("init", ""))
+    if init:
+        if config.model.preset or dict(config.model.overrides):
+            raise ValueError(
+                "model.init fixes the architecture: leave model.preset and model.overrides empty"
+            )
+        meta = os.path.join(init, "model.json")
+        if not os.path.exists(meta):
+            raise ValueError(f"model.init: {meta} not found (a save_clip / convert directory?)")
+        from regionclip_jax.convert.checkpoint import read_metadata
+
+        return CLIPConfig.from_dict(read_metadata(init)["config"])
 
     overrides = dict(config.model.overrides)
     if "vision_layers" in overrides and not isinstance(overrides["vision_layers"], int):

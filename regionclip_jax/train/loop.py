@@ -76,6 +76,9 @@ class Task(Protocol):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, scalar metrics) of one batch."""
 
+    # Optional: `initialize(graphdef, state) -> state` replaces values of a freshly initialised
+    # state (pretrained weights, constant buffers); never called when a checkpoint is restored.
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -238,6 +241,9 @@ def train(
             state = state_lib.init_train_state(
                 task.build_model, optimizer, int(config.seed), shardings
             )
+            initialize = getattr(task, "initialize", None)
+            if initialize is not None:  # pretrained weights, constants (fresh start only)
+                state = jax.device_put(initialize(graphdef, state), shardings)
         start = int(jax.device_get(state["step"]))
 
         spec = task.batch_spec(global_batch)

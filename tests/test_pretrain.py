@@ -1,0 +1,258 @@
+"""RegionCLIP pretraining (mode `pretrain`): initialisation from a CLIP checkpoint, what stays
+frozen, the loss going down on ShapesWorld, random region boxes, 8 devices == 1 device, and the
+config checks. The losses themselves are tested against NumPy references in
+test_losses_pretrain.py; resume-after-SIGKILL for this mode is in test_train_loop.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from regionclip_jax.train import pretrain_trainer
+from regionclip_jax.train.config_validation import ConfigError, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = dict(embed_dim=32, vision_width=8, transformer_width=32, transformer_heads=1,
+                  transformer_layers=1, context_length=16)  # fmt: skip
+
+
+def _load_config_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_pretrain_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
+    """pretrain_shapesworld:runlocal with a model that compiles and steps fast on 2 cores."""
+    c = _load_config_module("pretrain_shapesworld").get_config("runlocal")
+    c.unlock()
+    c.model.overrides.update(TINY_MODEL)
+    c.data.shapesworld.dir = data_dir
+    c.data.shapesworld.image_size = 64
+    c.data.min_size = c.data.max_size = 64
+    c.data.canvas = (64, 64)
+    c.data.context_length = 16
+    c.pretrain.num_regions = 4
+    c.pretrain.templates = "single"
+    c.async_checkpointing = False
+    c.debug.print_memory = False
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="module")
+def sw_dir(tmp_path_factory):
+    from regionclip_jax.data import shapesworld
+
+    d = tmp_path_factory.mktemp("sw_pre")
+    shapesworld.generate(d, num_train=96, num_val=0, seed=0, image_size=64)
+    return str(d)
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    from regionclip_jax.train.optim import path_str
+
+    return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    """A tiny random CLIP saved with save_clip (seed 7, unlike the trainer's own init)."""
+    from regionclip_jax.convert.checkpoint import save_clip
+    from regionclip_jax.models.clip import CLIP
+    from regionclip_jax.models.presets import CLIPConfig
+
+    cfg = tiny_pretrain_config("/unused")
+    overrides = dict(cfg.model.overrides)
+    overrides["vision_layers"] = tuple(overrides["vision_layers"])
+    model = CLIP(CLIPConfig.from_dict(overrides), rngs=nnx.Rngs(7))
+    d = tmp_path_factory.mktemp("init") / "clip"
+    save_clip(model, d)
+    return str(d)
+
+
+def test_init_from_checkpoint_freezes_teacher_text_stem_layer1_and_loss_decreases(
+    sw_dir, init_ckpt, tmp_path
+):
+    from regionclip_jax.convert.checkpoint import load_clip
+    from regionclip_jax.train import state as state_lib
+
+    cfg = tiny_pretrain_config(sw_dir, total_steps=30, log_every=1, checkpoint_every=0)
+    cfg.unlock()
+    cfg.model.init = init_ckpt
+    cfg.model.preset = ""
+    cfg.model.overrides = ml_collections.ConfigDict()
+    cfg.optim.decay_steps = ()
+    cfg.lock()
+    result = pretrain_trainer.run(cfg, str(tmp_path / "run"), keep_state=True)
+
+    _, ck_params, ck_rest = state_lib.split_model(load_clip(init_ckpt))
+    ck = _flat(ck_params)
+    params = _flat(result.state["params"])
+    # The teacher is the checkpoint's image tower, untouched by 30 updates.
+    for k, v in ck.items():
+        if k.startswith("visual/"):
+            np.testing.assert_array_equal(params["teacher/" + k[len("visual/") :]], v, err_msg=k)
+    # The student started from the checkpoint: frozen parts are still equal to it, trained parts
+    # moved.
+    frozen = [
+        k
+        for k in ck
+        if not k.startswith("visual/")
+        or k.startswith(("visual/conv", "visual/bn", "visual/layer1/"))
+    ]
+    trained = [
+        k
+        for k in ck
+        if k.startswith(("visual/layer2/", "visual/layer3/", "visual/layer4/", "visual/attnpool/"))
+    ]
+    assert len(frozen) > 10 and len(trained) > 10
+    for k in frozen:
+        np.testing.assert_array_equal(params["student/" + k], ck[k], err_msg=k)
+    moved = [k for k in trained if not np.array_equal(params["student/" + k], ck[k])]
+    assert len(moved) > 0.9 * len(trained), (
+        f"only {len(moved)}/{len(trained)} trained tensors moved"
+    )
+    # Frozen-BN statistics are carried, not trained.
+    rest = _flat(result.state["rest"])
+    for k, v in _flat(ck_rest).items():
+        np.testing.assert_array_equal(rest["student/" + k], v, err_msg=k)
+
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+    for key in ("loss_region_distill", "loss_concept_contrastive", "loss_img_txt_level"):
+        assert np.isfinite(result.metrics[key])
+
+
+def test_random_boxes_lie_inside_each_image_with_the_configured_sides():
+    hw = jnp.array([[64, 128], [100, 50]], jnp.int32)
+    boxes = np.asarray(pretrain_trainer.random_boxes(jax.random.key(0), hw, 500, 0.1, 0.6))
+    assert boxes.shape == (2, 500, 4)
+    for (h, w), b in zip(np.asarray(hw), boxes):
+        bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all()
+        assert (b[:, 2] <= w + 1e-4).all() and (b[:, 3] <= h + 1e-4).all()
+        assert bw.min() >= 0.1 * w - 1e-4 and bw.max() <= 0.6 * w + 1e-4
+        assert bh.min() >= 0.1 * h - 1e-4 and bh.max() <= 0.6 * h + 1e-4
+        assert bw.max() - bw.min() > 0.4 * w  # spread over the range, not one size
+    # Another key gives other boxes.
+    other = np.asarray(pretrain_trainer.random_boxes(jax.random.key(1), hw, 500, 0.1, 0.6))
+    assert not np.allclose(other, boxes)
+
+
+def test_frozen_patterns_follow_detectron2_freeze_at():
+    import re
+
+    paths = ["student/visual/conv1/kernel", "student/visual/bn3/scale",
+             "student/visual/layer1/0/conv1/kernel", "student/visual/layer2/0/conv1/kernel",
+             "student/transformer/resblocks/0/attn/in_proj/kernel", "student/logit_scale",
+             "teacher/layer4/0/conv1/kernel", "student/visual/attnpool/q_proj/kernel"]  # fmt: skip
+
+    def frozen(freeze_at):
+        pats = [re.compile(p) for p in pretrain_trainer.frozen_patterns(freeze_at)]
+        return {p for p in paths if any(r.search(p) for r in pats)}
+
+    always = {paths[4], paths[5], paths[6]}
+    assert frozen(0) == always
+    assert frozen(1) == always | set(paths[:2])
+    assert frozen(2) == always | set(paths[:3])
+    assert frozen(3) == always | set(paths[:4])
+
+
+# ---------------------------------------------------------------------------------------------
+# 8 fake devices == 1 device
+
+_MULTI = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_pretrain import tiny_pretrain_config
+from regionclip_jax.train import pretrain_trainer
+import jax
+assert jax.device_count() == 8
+cfg = tiny_pretrain_config({data!r}, total_steps=3, log_every=1, **{{"data.batch_size": 8,
+    "pretrain.group_size": 2, "mesh": {{"data": 4, "fsdp": 2, "model": 1}}}})
+r = pretrain_trainer.run(cfg, {workdir!r}, keep_state=False)
+print("LOSSES", json.dumps(r.losses))
+"""
+
+
+@pytest.mark.slow
+def test_pretrain_on_eight_devices_matches_one(sw_dir, tmp_path):
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+        " --xla_cpu_collective_timeout_seconds=600",
+        "JAX_ENABLE_COMPILATION_CACHE": "false",  # see loop.avoid_cpu_multidevice_cache_hang
+    }
+    code = _MULTI.format(tests=str(REPO / "tests"), data=sw_dir, workdir=str(tmp_path / "multi"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("LOSSES"))
+    multi = {int(k): v for k, v in json.loads(line[len("LOSSES") :]).items()}
+
+    assert jax.device_count() == 1
+    cfg = tiny_pretrain_config(
+        sw_dir, total_steps=3, log_every=1, **{"data.batch_size": 8, "pretrain.group_size": 2}
+    )
+    single = pretrain_trainer.run(cfg, str(tmp_path / "single"), keep_state=False).losses
+    assert sorted(multi) == sorted(single) == [1, 2, 3]
+    np.testing.assert_allclose(
+        [multi[s] for s in sorted(multi)], [single[s] for s in sorted(single)], rtol=2e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks (before anything compiles)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("pretrain.regionz", "gt", "config.pretrain.regionz: unknown key"),
+        ("pretrain.regions", "boxes", "config.pretrain.regions"),
+        ("pretrain.group_size", 3, "config.pretrain.group_size"),
+        ("pretrain.loss_weights", (1.0, 1.0), "config.pretrain.loss_weights"),
+        ("pretrain.random_min_frac", 0.0, "config.pretrain.random_min_frac"),
+        ("model.init", "/nonexistent/clip", "config.model.init"),
+    ],
+)
+def test_bad_pretrain_config_fails_naming_the_key(sw_dir, key, value, match):
+    cfg = tiny_pretrain_config(sw_dir)
+    cfg.unlock()
+    parent, leaf = key.rsplit(".", 1)
+    cfg[parent.split(".")[0]][leaf] = value
+    if key == "model.init":
+        cfg.model.preset = ""
+        cfg.model.overrides = ml_collections.ConfigDict()
+    with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
+        validate(cfg, num_devices=1)
+
+
+def test_rpn_regions_fail_clearly_until_the_detection_issue(sw_dir, tmp_path):
+    cfg = tiny_pretrain_config(sw_dir, **{"pretrain.regions": "rpn"})
+    with pytest.raises(NotImplementedError, match="detection issue"):
+        pretrain_trainer.run(cfg, str(tmp_path / "rpn"))
