@@ -108,6 +108,11 @@ def _scene_config(scenes_dir: str):
     return shapesworld.ShapesWorldConfig(**cfg)
 
 
+def _stopped(out: Path) -> dict:
+    print(f"\nstopped by SIGTERM after a checkpoint; run the demo again to continue ({out})")
+    return {"stopped": True}
+
+
 def run(
     out_dir: str = "runs/demo",
     *,
@@ -138,7 +143,8 @@ def run(
     with _stage(
         f"1/4 teacher: image-level CLIP, {teacher_steps} steps on iconic ShapesWorld", timings
     ):
-        clip_trainer.run(clip_cfg, teacher_dir)
+        if clip_trainer.run(clip_cfg, teacher_dir).preempted:
+            return _stopped(out)
     teacher_ckpt = os.path.join(teacher_dir, "export")
 
     pre_cfg = load_config(
@@ -148,6 +154,8 @@ def run(
         f"2/4 student: region-text pretraining, {student_steps} steps on cluttered scenes", timings
     ):
         result = pretrain_trainer.run(pre_cfg, student_dir, keep_state=True)
+        if result.preempted:
+            return _stopped(out)
 
     with _stage(
         "3/4 zero-shot region recognition on held-out scenes (ground-truth boxes)", timings

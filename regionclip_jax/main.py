@@ -5,7 +5,8 @@
 
 The config's `mode` picks the trainer (`clip`: image-level CLIP; `pretrain`: RegionCLIP
 region-text pretraining). Running the same command again
-resumes from the last checkpoint in DIR. Exit status: 0 done, 1 failed (bad config, NaN/Inf).
+resumes from the last checkpoint in DIR. Exit status: 0 done or stopped by SIGTERM after
+writing a checkpoint (preemption), 1 failed (bad config, NaN/Inf).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def main(argv: list[str]) -> None:
     except loop.NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         sys.exit(1)
+    if result.preempted:
+        print(f"preempted at step {result.step}: checkpoint saved; the same command resumes")
+        return
     print(f"done: step {result.step} in {result.seconds:.1f}s; final metrics {result.metrics}")
 
 

@@ -146,6 +146,50 @@ def test_sigkill_and_restart_resumes_exactly(sw_dir, tmp_path, mode):
     np.testing.assert_array_equal([resumed[s] for s in after], [ref[s] for s in after])
 
 
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_zero_and_the_same_command_resumes_exactly(sw_dir, tmp_path):
+    cfg = tiny_config(
+        sw_dir, total_steps=12, log_every=1, checkpoint_every=100, **{"debug.step_sleep": 0.3}
+    )
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "import ml_collections\n\n"
+        f"def get_config(arg=None):\n    return ml_collections.ConfigDict({cfg.to_dict()!r})\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    proc = subprocess.run(
+        _main_cmd(cfg_file, ref_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = _losses_from_jsonl(ref_dir)
+
+    p = subprocess.Popen(
+        _main_cmd(cfg_file, run_dir), cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        assert p.poll() is None and time.time() < deadline, "run ended before step 4"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    stopped = int(out.split("preempted at step ")[1].split(":")[0])
+    assert 4 <= stopped < 12, out[-2000:]
+    assert (run_dir / "checkpoints" / str(stopped) / "state").exists()  # no periodic save was due
+
+    proc = subprocess.run(
+        _main_cmd(cfg_file, run_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints'}/{stopped}" in proc.stdout
+    resumed = _losses_from_jsonl(run_dir)
+    after = list(range(stopped + 1, 13))
+    np.testing.assert_array_equal([resumed[s] for s in after], [ref[s] for s in after])
+
+
 # ---------------------------------------------------------------------------------------------
 # 8 fake devices (data x fsdp) == 1 device
 

@@ -185,6 +185,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     task = ClipTask(config)
     kwargs.setdefault("keep_state", True)
     result = loop_lib.train(config, workdir, task, **kwargs)
+    if result.preempted:
+        return result
     if result.state is not None and jax.process_count() == 1:
         export_model(task, result, os.path.join(workdir, "export"))
     if config.data.val and result.state is not None and jax.process_count() == 1:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -88,6 +90,7 @@ class TrainResult:
     metrics: dict[str, float]
     losses: dict[int, float]
     seconds: float
+    preempted: bool = False
     graphdef: Any = None
     state: Any = None
 
@@ -154,6 +157,45 @@ def _print_memory(compiled: Any) -> None:
         f"{f.removesuffix('_size_in_bytes')} {getattr(mem, f, 0) / 2**20:.1f} MiB" for f in fields
     ]
     print("train step memory (per device): " + ", ".join(parts), flush=True)
+
+
+class PreemptionGuard:
+    """SIGTERM (TPU/cloud preemption, `kill`, SLURM's --signal) asks the loop to stop cleanly.
+
+    The handler only sets a flag; the loop then finishes the step in flight, writes a checkpoint and
+    returns with `preempted=True` (main.py exits 0, and the same command resumes). With several
+    processes the flag is OR-reduced across them each step so that all stop at the same step.
+    Installed only in the main thread (Python's rule for signal handlers).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        if not self.requested:
+            print(
+                "SIGTERM received: checkpointing after the current step, then exiting", flush=True
+            )
+        self.requested = True
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+        return bool(np.any(flags))
 
 
 def avoid_cpu_multidevice_cache_hang() -> bool:
@@ -298,6 +340,8 @@ def train(
                     progress.print(step_done, m)
             return m
 
+        preempted = False
+        guard = PreemptionGuard().__enter__()
         try:
             for step in range(start, last):
                 host = _host_batch(next(data_iter), spec)
@@ -316,13 +360,21 @@ def train(
                     jax.block_until_ready(metrics)
                     progress.start(step + 1)
                 done = step + 1
-                if (ckpt_every and done % ckpt_every == 0) or done == last:
+                stop = done < last and guard.should_stop()
+                if (ckpt_every and done % ckpt_every == 0) or done == last or stop:
                     logged = check(*pending)  # never save a state whose step went non-finite
                     pending = None
                     ckpt.save(done, state, data_iter)
+                if stop:
+                    preempted = True
+                    last = done
+                    if is_main:
+                        print(f"stopped at step {done} (SIGTERM); checkpoint saved", flush=True)
+                    break
             if pending is not None:
                 logged = check(*pending)
         finally:
+            guard.__exit__(None, None, None)
             ckpt.close()
             writer.close()
             close = getattr(data_iter, "close", None)
@@ -332,6 +384,7 @@ def train(
     return TrainResult(
         step=max(last, start),
         metrics=logged,
+        preempted=preempted,
         losses=losses,
         seconds=time.perf_counter() - t_start,
         graphdef=graphdef if keep_state else None,
