@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from test_train_loop import apply_changes
 
 from regionclip_jax.train import pretrain_trainer
 from regionclip_jax.train.config_validation import ConfigError, validate
@@ -49,12 +50,7 @@ def tiny_pretrain_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
     c.pretrain.templates = "single"
     c.async_checkpointing = False
     c.debug.print_memory = False
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    apply_changes(c, changes)
     c.lock()
     return c
 
@@ -187,6 +183,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from test_pretrain import tiny_pretrain_config
 from regionclip_jax.train import pretrain_trainer
+from test_train_loop import apply_changes
 import jax
 assert jax.device_count() == 8
 cfg = tiny_pretrain_config({data!r}, total_steps=3, log_every=1, **{{"data.batch_size": 8,

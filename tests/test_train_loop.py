@@ -48,14 +48,19 @@ def tiny_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
     c.data.context_length = 16
     c.async_checkpointing = False
     c.debug.print_memory = False
+    apply_changes(c, changes)
+    c.lock()
+    return c
+
+
+def apply_changes(c: ml_collections.ConfigDict, changes: dict) -> None:
+    """Sets dotted keys ("data.batch_size") of an unlocked config."""
     for key, value in changes.items():
         node = c
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    c.lock()
-    return c
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,42 @@ def prepare_shapesworld(config: ml_collections.ConfigDict) -> None:
         config.data.val = os.path.join(sw.dir, "val")
 
 
+def image_text_dataset(
+    config: ml_collections.ConfigDict,
+    path: str,
+    batch: int,
+    shard_index: int,
+    shard_count: int,
+    *,
+    train: bool,
+    boxes: str | None = None,
+    max_boxes: int = 100,
+) -> grain.IterDataset:
+    """The pretraining pipeline with `config.data`'s resize/canvas/caption settings.
+
+    train=True: shuffled, endless, workers and flips as configured; False: one ordered epoch.
+    """
+    d = config.data
+    return make_pretrain_dataset(
+        path,
+        batch_size=batch,
+        canvas=tuple(int(x) for x in d.canvas),
+        min_size=int(d.min_size),
+        max_size=int(d.max_size) if d.max_size else None,
+        boxes=boxes,
+        max_boxes=max_boxes,
+        seed=int(config.seed),
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_workers=int(d.num_workers) if train else 0,
+        flip=bool(d.flip) and train,
+        shuffle=train,
+        num_epochs=None if train else 1,
+        drop_remainder=True,
+        context_length=int(d.context_length),
+    )
+
+
 class ClipTask:
     """`loop.Task` for image-level CLIP training."""
 
@@ -86,24 +122,7 @@ class ClipTask:
         return CLIP(self.clip_config, dtype=self.dtype, rngs=rngs)
 
     def _dataset(self, path: str, batch: int, shard_index: int, shard_count: int, train: bool):
-        d = self.config.data
-        return make_pretrain_dataset(
-            path,
-            batch_size=batch,
-            canvas=tuple(int(x) for x in d.canvas),
-            min_size=int(d.min_size),
-            max_size=int(d.max_size) if d.max_size else None,
-            boxes=None,
-            seed=int(self.config.seed),
-            shard_index=shard_index,
-            shard_count=shard_count,
-            num_workers=int(d.num_workers) if train else 0,
-            flip=bool(d.flip) and train,
-            shuffle=train,
-            num_epochs=None if train else 1,
-            drop_remainder=True,
-            context_length=int(d.context_length),
-        )
+        return image_text_dataset(self.config, path, batch, shard_index, shard_count, train=train)
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
         batch = int(self.config.data.batch_size) // shard_count

@@ -310,14 +310,7 @@ def clip_config(config: ml_collections.ConfigDict):
     from regionclip_jax.models.presets import CLIPConfig, get_preset
 
     init = str(config.model.get("init", ""))
-    if init:
-        if config.model.preset or dict(config.model.overrides):
-            raise ValueError(
-                "model.init fixes the architecture: leave model.preset and model.overrides empty"
-            )
-        meta = os.path.join(init, "model.json")
-        if not os.path.exists(meta):
-            raise ValueError(f"model.init: {meta} not found (a save_clip / convert directory?)")
+    if init:  # `validate` has checked that it holds a model.json and nothing overrides it
         from regionclip_jax.convert.checkpoint import read_metadata
 
         return CLIPConfig.from_dict(read_metadata(init)["config"])

@@ -164,7 +164,8 @@ class PreemptionGuard:
 
     The handler only sets a flag; the loop then finishes the step in flight, writes a checkpoint and
     returns with `preempted=True` (main.py exits 0, and the same command resumes). With several
-    processes the flag is OR-reduced across them each step so that all stop at the same step.
+    processes the flag is OR-reduced across them at logging steps so that all stop at the same
+    step (set `log_every` so that it comes well within the preemption grace period).
     Installed only in the main thread (Python's rule for signal handlers).
     """
 
@@ -189,9 +190,14 @@ class PreemptionGuard:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def should_stop(self) -> bool:
+    def should_stop(self, sync_point: bool) -> bool:
+        """Whether to stop after this step. Multi-process: only at `sync_point` steps (the loop's
+        logging steps, where the host waits for metrics anyway), because the all-gather that makes
+        the processes agree would otherwise stall asynchronous dispatch every step."""
         if jax.process_count() == 1:
             return self.requested
+        if not sync_point:
+            return False
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
@@ -341,45 +347,44 @@ def train(
             return m
 
         preempted = False
-        guard = PreemptionGuard().__enter__()
-        try:
-            for step in range(start, last):
-                host = _host_batch(next(data_iter), spec)
-                batch = {
-                    k: jax.make_array_from_process_local_data(batch_sh[k], v, spec[k][0])
-                    for k, v in host.items()
-                }
-                state, metrics = compiled(state, batch)
-                if step_sleep:
-                    time.sleep(step_sleep)
-                # Read the previous step's metrics while this one runs.
+        with PreemptionGuard() as guard:
+            try:
+                for step in range(start, last):
+                    host = _host_batch(next(data_iter), spec)
+                    batch = {
+                        k: jax.make_array_from_process_local_data(batch_sh[k], v, spec[k][0])
+                        for k, v in host.items()
+                    }
+                    state, metrics = compiled(state, batch)
+                    if step_sleep:
+                        time.sleep(step_sleep)
+                    # Read the previous step's metrics while this one runs.
+                    if pending is not None:
+                        logged = check(*pending)
+                    pending = (step + 1, metrics)
+                    if step == start:
+                        jax.block_until_ready(metrics)
+                        progress.start(step + 1)
+                    done = step + 1
+                    stop = done < last and guard.should_stop(done % int(config.log_every) == 0)
+                    if (ckpt_every and done % ckpt_every == 0) or done == last or stop:
+                        logged = check(*pending)  # never save a state whose step went non-finite
+                        pending = None
+                        ckpt.save(done, state, data_iter)
+                    if stop:
+                        preempted = True
+                        last = done
+                        if is_main:
+                            print(f"stopped at step {done} (SIGTERM); checkpoint saved", flush=True)
+                        break
                 if pending is not None:
                     logged = check(*pending)
-                pending = (step + 1, metrics)
-                if step == start:
-                    jax.block_until_ready(metrics)
-                    progress.start(step + 1)
-                done = step + 1
-                stop = done < last and guard.should_stop()
-                if (ckpt_every and done % ckpt_every == 0) or done == last or stop:
-                    logged = check(*pending)  # never save a state whose step went non-finite
-                    pending = None
-                    ckpt.save(done, state, data_iter)
-                if stop:
-                    preempted = True
-                    last = done
-                    if is_main:
-                        print(f"stopped at step {done} (SIGTERM); checkpoint saved", flush=True)
-                    break
-            if pending is not None:
-                logged = check(*pending)
-        finally:
-            guard.__exit__(None, None, None)
-            ckpt.close()
-            writer.close()
-            close = getattr(data_iter, "close", None)
-            if close is not None:
-                close()
+            finally:
+                ckpt.close()
+                writer.close()
+                close = getattr(data_iter, "close", None)
+                if close is not None:
+                    close()
 
     return TrainResult(
         step=max(last, start),

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from regionclip_jax.data.pipeline import make_pretrain_dataset, pretrain_batch_spec
+from regionclip_jax.data.pipeline import pretrain_batch_spec
 from regionclip_jax.losses.pretrain import pretrain_losses
 from regionclip_jax.models.clip import CLIP, build_visual
 from regionclip_jax.models.region import RegionEncoder, box_mask, global_boxes
@@ -141,14 +141,9 @@ def concept_names(config: ml_collections.ConfigDict) -> list[str]:
         return concepts_lib.load_concepts(spec)
     if spec:
         return [s.strip() for s in spec.split(",") if s.strip()]
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "concepts.txt")
-        concepts_lib.build_concept_pool(
-            [config.data.train], out, min_count=int(config.pretrain.concept_min_count)
-        )
-        return concepts_lib.load_concepts(out)
+    counts, _ = concepts_lib.count_concepts(concepts_lib.iter_captions([config.data.train]))
+    pool = concepts_lib.frequent_concepts(counts, int(config.pretrain.concept_min_count))
+    return [name for name, _ in pool]
 
 
 class PretrainTask:
@@ -180,23 +175,15 @@ class PretrainTask:
         return {"proposals": "proposals", "gt": "gt"}.get(self.source)
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
-        d = self.config.data
-        return make_pretrain_dataset(
-            d.train,
-            batch_size=int(d.batch_size) // shard_count,
-            canvas=tuple(int(x) for x in d.canvas),
-            min_size=int(d.min_size),
-            max_size=int(d.max_size) if d.max_size else None,
+        return clip_trainer.image_text_dataset(
+            self.config,
+            self.config.data.train,
+            int(self.config.data.batch_size) // shard_count,
+            shard_index,
+            shard_count,
+            train=True,
             boxes=self._boxes_mode(),
             max_boxes=int(self.p.num_regions),
-            seed=int(self.config.seed),
-            shard_index=shard_index,
-            shard_count=shard_count,
-            num_workers=int(d.num_workers),
-            flip=bool(d.flip),
-            shuffle=True,
-            num_epochs=None,
-            context_length=int(d.context_length),
         )
 
     def batch_spec(self, global_batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from regionclip_jax.data import transforms as T
 from regionclip_jax.data.pipeline import make_pretrain_dataset
 from regionclip_jax.models.region import RegionEncoder
 
@@ -74,7 +75,8 @@ def region_predictions(
     out: dict[str, list[Any]] = {k: [] for k in ("labels", "preds", "scores", "image", "boxes")}
     for batch in ds:
         n = len(batch["images"])
-        images, boxes = _pad(batch["images"], batch_size), _pad(batch["boxes"], batch_size)
+        # One static batch shape (compiled once): the last batch is padded with zeros.
+        images, boxes = (T.pad_rows(batch[k], batch_size, 0) for k in ("images", "boxes"))
         preds, scores = (np.asarray(x)[:n] for x in classify(weights, images, boxes))
         valid = batch["box_mask"] & (batch["labels"] >= 0)
         scale = batch["scale"][:, None, [1, 0, 1, 0]]  # (sy, sx) -> x, y, x, y
@@ -86,12 +88,6 @@ def region_predictions(
     if not out["labels"]:
         raise ValueError(f"no images in {path}")
     return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def _pad(x: np.ndarray, n: int) -> np.ndarray:
-    if len(x) == n:
-        return x
-    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
 
 
 def accuracy_table(
