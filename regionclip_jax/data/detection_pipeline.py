@@ -57,7 +57,7 @@ import grain
 import numpy as np
 
 from regionclip_jax.data import transforms as T
-from regionclip_jax.data.pipeline import FinishBatch, ShardSource, _mark_flags_parsed
+from regionclip_jax.data.pipeline import ShardSource, batch_and_prefetch
 from regionclip_jax.data.schema import RecordError, decode_record
 from regionclip_jax.data.shards import ShardSet, open_shards
 
@@ -363,18 +363,15 @@ def make_detection_dataset(
             category_map=category_map,
         )
     )
-    read = grain.ReadOptions(
-        num_threads=read_threads, prefetch_buffer_size=prefetch_buffer or batch_size
+    return batch_and_prefetch(
+        ds,
+        batch_size=batch_size,
+        drop_remainder=drop_remainder,
+        normalize=normalize,
+        num_workers=num_workers,
+        read_threads=read_threads,
+        prefetch_buffer=prefetch_buffer,
     )
-    it_ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
-    it_ds = it_ds.map(FinishBatch(normalize))
-    if num_workers > 0:
-        _mark_flags_parsed(0, 1)
-        it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers),
-            worker_init_fn=_mark_flags_parsed,
-        )
-    return it_ds
 
 
 def detection_batch_spec(

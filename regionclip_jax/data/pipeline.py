@@ -313,6 +313,28 @@ def make_pretrain_dataset(
             category_map=category_map,
         )
     )
+    return batch_and_prefetch(
+        ds,
+        batch_size=batch_size,
+        drop_remainder=drop_remainder,
+        normalize=normalize,
+        num_workers=num_workers,
+        read_threads=read_threads,
+        prefetch_buffer=prefetch_buffer,
+    )
+
+
+def batch_and_prefetch(
+    ds: grain.MapDataset,
+    *,
+    batch_size: int,
+    drop_remainder: bool,
+    normalize: bool,
+    num_workers: int,
+    read_threads: int,
+    prefetch_buffer: int | None,
+) -> grain.IterDataset:
+    """The common tail of the pipelines: read threads, batch, `FinishBatch`, worker processes."""
     read = grain.ReadOptions(
         num_threads=read_threads, prefetch_buffer_size=prefetch_buffer or batch_size
     )
