@@ -237,17 +237,49 @@ def test_restored_state_continues_exactly_with_worker_processes(shards):
     _assert_same(got, want)
 
 
-def test_process_shards_are_disjoint_and_cover_the_data(shards):
+def test_processes_hold_their_block_of_the_same_global_batches(shards):
+    """Any process count gives the same global batches (what resuming on another process count
+    relies on): process p's batch t is rows [p*b, (p+1)*b) of the 1-process batch t, random
+    draws (flip, caption, proposal subset) included, across an epoch boundary."""
+    d, _ = shards
+    kw = dict(boxes="proposals", max_boxes=4)
+    whole = _take(_ds(d, batch_size=6, **kw), 6)  # 6 batches of 6 = 1.5 epochs of 24
+    for count in (2, 3):
+        b = 6 // count
+        parts = [
+            _take(_ds(d, batch_size=b, shard_index=i, shard_count=count, **kw), 6)
+            for i in range(count)
+        ]
+        for t in range(6):
+            for k in whole[t]:
+                np.testing.assert_array_equal(
+                    np.concatenate([parts[i][t][k] for i in range(count)]),
+                    whole[t][k],
+                    err_msg=f"{count} processes, batch {t}, {k}",
+                )
+
+
+def test_process_blocks_are_disjoint_and_cover_one_epoch(shards):
     d, _ = shards
     parts = []
-    for i in range(3):
+    for i in range(3):  # global batch 9 over 24 records: the last global batch is partial
         ds = _ds(d, shard_index=i, shard_count=3, num_epochs=1, drop_remainder=False, batch_size=3)
         parts.append(np.concatenate([b["source_index"] for b in _take_all(ds)]))
-    for i in range(3):
-        assert len(set(parts[i])) == len(parts[i]) == N_RECORDS // 3
-        for j in range(i + 1, 3):
-            assert not set(parts[i]) & set(parts[j])
+    assert [len(p) for p in parts] == [9, 9, 6]
     assert sorted(np.concatenate(parts)) == list(range(N_RECORDS))
+
+
+def test_global_batch_slice_matches_its_index_formula():
+    import grain
+
+    from regionclip_jax.data.pipeline import GlobalBatchSlice
+
+    n, block, count = 23, 3, 2
+    for p in range(count):
+        got = list(GlobalBatchSlice(grain.MapDataset.range(n), block, p, count))
+        # Written out: global batch g holds elements [6g, 6g + 6); process p keeps [6g + 3p, 6g + 3p + 3).
+        want = [e for g in range(0, n, 6) for e in range(g + 3 * p, g + 3 * p + 3) if e < n]
+        assert got == want
 
 
 def _take_all(ds) -> list[dict]:

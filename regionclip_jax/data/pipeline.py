@@ -23,10 +23,13 @@ Batches (NumPy dict, fixed shapes; B = batch_size, (Hc, Wc) = canvas, R = max_bo
   with boxes="proposals": boxes, box_mask, objectness float32[B, R] (-inf padding)
 
 Sampling and determinism:
-  - per-process sharding: the records are split `[shard_index::shard_count]` (disjoint, covering)
-    before shuffling; use jax.process_index() / jax.process_count(). Shards differ in size by at
-    most one record, so with a finite `num_epochs` processes may see one batch more or less:
-    train on `num_epochs=None` (endless, reshuffled every epoch) and count steps.
+  - per-process sharding (`GlobalBatchSlice`): every process walks the same shuffled order and
+    takes its block of every *global* batch (process p of P holds rows [p*b, (p+1)*b) of each
+    global batch of P*b examples, the rows its devices hold; see parallel.process_batch_block).
+    The global batches, and so the losses, are the same for any number of processes, which is
+    what lets a run resume on a different process count. Each process reads only its own rows.
+    The one exception: a record that is skipped (unreadable) shifts the later rows of the
+    process that met it.
   - the order and every random choice (flip, caption, proposal subset) come from `seed` through
     grain (`MapDataset.seed`): two runs with one seed give identical batches.
   - `num_workers > 0` prefetches in that many processes. grain gives each worker a slice of the
@@ -261,7 +264,8 @@ def make_pretrain_dataset(
         proposals stored in the records, with objectness).
       max_boxes: box slots R per image.
       seed: shuffling and augmentation seed.
-      shard_index, shard_count: this process's share of the records.
+      shard_index, shard_count: this process's block of every global batch (the global batch is
+        `batch_size * shard_count`; see the module docstring).
       num_workers: grain worker processes (0: threads in this process).
       flip: random horizontal flip with probability 0.5.
       shuffle: shuffle the records (each epoch differently).
@@ -294,7 +298,6 @@ def make_pretrain_dataset(
         raise ValueError(f"{len(shards)} records cannot be split over {shard_count} processes")
 
     ds = grain.MapDataset.source(ShardSource(shards))
-    ds = ds[shard_index::shard_count]
     ds = ds.seed(seed)
     if shuffle:
         ds = ds.shuffle()
@@ -313,6 +316,8 @@ def make_pretrain_dataset(
             category_map=category_map,
         )
     )
+    if shard_count > 1:  # after random_map: the random draws follow the global position
+        ds = GlobalBatchSlice(ds, batch_size, shard_index, shard_count)
     return batch_and_prefetch(
         ds,
         batch_size=batch_size,
@@ -322,6 +327,44 @@ def make_pretrain_dataset(
         read_threads=read_threads,
         prefetch_buffer=prefetch_buffer,
     )
+
+
+class GlobalBatchSlice(grain.MapDataset):
+    """Block `index` of `count` of every global batch of a dataset read in order.
+
+    Element i of this dataset is element `(i // b) * b * count + index * b + i % b` of the parent
+    (b = `block`): the parent is cut into global batches of `b * count` consecutive elements and
+    this process keeps rows [index * b, (index + 1) * b) of each. With a finite parent, the last,
+    partial global batch is split the same way (later blocks may be short or empty).
+    """
+
+    def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+        super().__init__(parent)
+        if not 0 <= index < count or block < 1:
+            raise ValueError(
+                f"need block >= 1 and 0 <= index < count, got {block}, {index}, {count}"
+            )
+        self._block, self._index, self._global = int(block), int(index), int(block) * int(count)
+        n = len(parent)
+        full, rest = divmod(n, self._global)
+        self._length = full * self._block + min(
+            max(rest - self._index * self._block, 0), self._block
+        )
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, i: int) -> int:
+        row, col = divmod(int(i), self._block)
+        return row * self._global + self._index * self._block + col
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        return self._parent[self._parent_index(i)]
+
+    def __str__(self) -> str:
+        return f"GlobalBatchSlice(block={self._block}, index={self._index}, global={self._global})"
 
 
 def batch_and_prefetch(
