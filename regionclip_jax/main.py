@@ -11,7 +11,9 @@ writing a checkpoint (preemption), 1 failed (bad config, NaN/Inf).
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,6 +22,28 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (`get_config(arg)`), e.g. configs/x.py:runlocal."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+# Multi-process: on TPU pods and under SLURM nothing is needed (detected from the environment);
+# elsewhere (several CPU processes, hand-started GPU processes) give all three.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (explicit multi-process set-up)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit).")
+_LOCAL_DEVICES = flags.DEFINE_list(
+    "local_device_ids",
+    None,
+    "GPUs of this process (default under SLURM: one per task, SLURM_LOCALID; give 0,1,...,7 "
+    "for one process per node).",
+)
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", None, "CPU devices per process (local multi-device / multi-process runs)."
+)
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    None,
+    "Seconds after which a silent process is declared dead and every process stops with an "
+    "error (JAX's default: 100).",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -42,13 +66,29 @@ def main(argv: list[str]) -> None:
 
     import jax
 
+    from regionclip_jax import parallel
     from regionclip_jax.train import config_validation, loop
 
-    # Multi-host launchers set the coordinator through the environment; single-host is a no-op.
     try:
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-        logging.info("single-process run (jax.distributed.initialize: %s)", e)
+        how = parallel.initialize_distributed(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            local_device_ids=(
+                [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None
+            ),
+            num_cpu_devices=_NUM_CPU_DEVICES.value,
+            heartbeat_timeout_s=_HEARTBEAT.value,
+        )
+    except ValueError as e:
+        print(f"multi-process set-up: {e}", file=sys.stderr)
+        sys.exit(1)
+    if how != "single":
+        print(
+            f"process {jax.process_index()} of {jax.process_count()} ({how}): "
+            f"{jax.local_device_count()} local / {jax.device_count()} devices",
+            flush=True,
+        )
 
     try:
         if mode == "clip":
@@ -69,6 +109,22 @@ def main(argv: list[str]) -> None:
     except loop.NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        # One process failed. Exiting normally would wait in JAX's shutdown barrier for processes
+        # that are themselves waiting in a collective for this one: a hang. Leave at once; the
+        # others then fail fast (their collectives lose this peer) or, where a collective does
+        # not notice, when the coordinator misses this process's heartbeats (--heartbeat_timeout).
+        traceback.print_exc()
+        print(
+            f"process {jax.process_index()} of {jax.process_count()} failed: "
+            f"{type(e).__name__}: {e}; stopping the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(1)
     if result.preempted:
         print(f"preempted at step {result.step}: checkpoint saved; the same command resumes")
         return

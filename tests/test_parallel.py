@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -104,3 +105,39 @@ def test_shard_module_on_eight_fake_devices():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process start-up helpers (the multi-process runs themselves: test_multiprocess.py)
+
+
+def test_explicit_distributed_setup_needs_all_three_values():
+    with pytest.raises(ValueError, match=r"missing: \['num_processes', 'process_id'\]"):
+        parallel.initialize_distributed("127.0.0.1:1234")
+    with pytest.raises(ValueError, match="process_id 2 not in"):
+        parallel.initialize_distributed("127.0.0.1:1234", 2, 2)
+
+
+def test_no_cluster_means_a_single_process(monkeypatch):
+    for var in (
+        "SLURM_JOB_ID",
+        "OMPI_MCA_orte_hnp_uri",
+        "TPU_WORKER_HOSTNAMES",
+        "KUBERNETES_SERVICE_HOST",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    assert parallel.detected_cluster() is None
+    assert parallel.initialize_distributed() == "single"
+
+
+def test_slurm_is_detected_from_its_variables(monkeypatch):
+    for var, value in {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                       "SLURM_STEP_NODELIST": "node1", "SLURM_LOCALID": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(var, value)
+    assert parallel.detected_cluster() == "SlurmCluster"
+
+
+def test_one_process_holds_the_whole_batch():
+    mesh = parallel.make_mesh({"data": -1})
+    sharding = jax.sharding.NamedSharding(mesh, P("data"))
+    assert parallel.process_batch_block(sharding, (8, 3)) == (0, 1)

@@ -122,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.debug.nan_at_step = 0  # > 0: make the loss and gradients of that update NaN (tests)
     c.debug.step_sleep = 0.0  # seconds to sleep after each step (tests kill runs mid-way)
     c.debug.print_memory = True
+    c.debug.fail_at_step = 0  # > 0: process `fail_process` raises before that step (tests)
+    c.debug.fail_process = 0
     return c
 
 

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from regionclip_jax import parallel
-from regionclip_jax.train import config_validation, optim
+from regionclip_jax.train import config_validation, optim, throughput
 from regionclip_jax.train import state as state_lib
 from regionclip_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from regionclip_jax.train.metrics import MetricWriter, Progress
@@ -79,7 +79,8 @@ class Task(Protocol):
         """(scalar loss, scalar metrics) of one batch."""
 
     # Optional: `initialize(graphdef, state) -> state` replaces values of a freshly initialised
-    # state (pretrained weights, constant buffers); never called when a checkpoint is restored.
+    # state (pretrained weights, constant buffers); it gets the whole state as host arrays (every
+    # process the same) and is never called when a checkpoint is restored.
 
 
 @dataclasses.dataclass
@@ -232,6 +233,68 @@ def _host_batch(batch: Mapping[str, np.ndarray], spec: Mapping[str, Any]) -> dic
     return {k: np.asarray(batch[k]) for k in spec}
 
 
+@dataclasses.dataclass
+class StepProgram:
+    """Everything needed to compile the train step, without any array allocated.
+
+    `abstract_state` / `abstract_batch` are ShapeDtypeStructs carrying their shardings, so
+    `jitted.lower(abstract_state, abstract_batch).compile()` compiles the real step for `mesh`
+    (any devices: local ones, or a TPU topology description for ahead-of-time compilation).
+    """
+
+    graphdef: Any
+    abstract_state: Any
+    shardings: Any
+    optimizer: optax.GradientTransformation
+    batch_spec: dict[str, tuple[tuple[int, ...], Any]]
+    batch_shardings: dict[str, NamedSharding]
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]
+    jitted: Any
+
+
+def build_step(
+    config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh, rules: Any
+) -> StepProgram:
+    """Abstract train state, batch and the jitted step of `task` on `mesh` (no compile)."""
+    # Outside `set_mesh`: nnx.eval_shape under a mesh would read logical names as mesh axes.
+    graphdef, abstract, shardings, optimizer = state_lib.abstract_train_state(
+        lambda: task.build_model(nnx.Rngs(0)),
+        lambda params: optim.make_optimizer(config.optim, params),
+        mesh,
+        rules,
+    )
+    spec = task.batch_spec(int(config.data.batch_size))
+    batch_sh = {
+        k: NamedSharding(
+            mesh,
+            parallel.logical_to_spec(
+                ("act_batch",) + (None,) * (len(shape) - 1), shape, mesh, rules
+            ),
+        )
+        for k, (shape, _) in spec.items()
+    }
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=batch_sh[k])
+        for k, (shape, dtype) in spec.items()
+    }
+    jitted = jax.jit(
+        make_train_step(task, graphdef, optimizer, config),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    return StepProgram(
+        graphdef=graphdef,
+        abstract_state=abstract_with_shardings(abstract, shardings),
+        shardings=shardings,
+        optimizer=optimizer,
+        batch_spec=spec,
+        batch_shardings=batch_sh,
+        abstract_batch=abstract_batch,
+        jitted=jitted,
+    )
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -267,12 +330,12 @@ def train(
     last = total if stop_after is None else min(total, int(stop_after))
     global_batch = int(config.data.batch_size)
 
-    # Outside `set_mesh`: nnx.eval_shape under a mesh would read logical names as mesh axes.
-    graphdef, abstract, shardings, optimizer = state_lib.abstract_train_state(
-        lambda: task.build_model(nnx.Rngs(0)),
-        lambda params: optim.make_optimizer(config.optim, params),
-        mesh,
-        rules,
+    program = build_step(config, task, mesh, rules)
+    graphdef, shardings, batch_sh, spec = (
+        program.graphdef,
+        program.shardings,
+        program.batch_shardings,
+        program.batch_spec,
     )
     with jax.set_mesh(mesh), parallel.axis_rules(rules):
         ckpt = Checkpointer(
@@ -280,49 +343,49 @@ def train(
             max_to_keep=int(config.keep_checkpoints),
             async_save=bool(config.async_checkpointing),
         )
-        data_iter = iter(task.dataset(jax.process_index(), jax.process_count()))
+        # This process's block of every global batch, where the mesh placed its devices.
+        first_key = next(iter(spec))
+        block, blocks = parallel.process_batch_block(batch_sh[first_key], spec[first_key][0])
+        data_iter = iter(task.dataset(block, blocks))
         latest = ckpt.latest_step()
         if latest is not None:
             print(f"resuming from {ckpt.directory}/{latest}", flush=True)
-            state = ckpt.restore(latest, abstract_with_shardings(abstract, shardings), data_iter)
+            state = ckpt.restore(
+                latest,
+                program.abstract_state,
+                data_iter,
+                local_examples=latest * (global_batch // blocks),
+            )
         else:
             state = state_lib.init_train_state(
-                task.build_model, optimizer, int(config.seed), shardings
+                task.build_model, program.optimizer, int(config.seed), shardings
             )
             initialize = getattr(task, "initialize", None)
             if initialize is not None:  # pretrained weights, constants (fresh start only)
-                state = jax.device_put(initialize(graphdef, state), shardings)
+                # On the host, whole, on one local device: the task may run parts of the model
+                # (concept embeddings), which must not touch devices of other processes.
+                whole = parallel.gather_to_host(state)
+                del state
+                one_device = parallel.make_mesh({"data": 1}, jax.local_devices()[:1])
+                with jax.set_mesh(one_device):
+                    host = initialize(graphdef, whole)
+                state = parallel.host_to_global(host, shardings)
         start = int(jax.device_get(state["step"]))
 
-        spec = task.batch_spec(global_batch)
-        batch_sh = {
-            k: NamedSharding(
-                mesh,
-                parallel.logical_to_spec(
-                    ("act_batch",) + (None,) * (len(shape) - 1), shape, mesh, rules
-                ),
-            )
-            for k, (shape, _) in spec.items()
-        }
-        abstract_batch = {
-            k: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=batch_sh[k])
-            for k, (shape, dtype) in spec.items()
-        }
-        step_fn = make_train_step(task, graphdef, optimizer, config)
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(shardings, batch_sh),
-            out_shardings=(shardings, None),
-            donate_argnums=(0,),
-        )
         t0 = time.perf_counter()
-        compiled = jitted.lower(
-            abstract_with_shardings(abstract, shardings), abstract_batch
-        ).compile()
+        compiled = program.jitted.lower(program.abstract_state, program.abstract_batch).compile()
+        flops = throughput.compiled_flops(compiled)
+        peak = throughput.peak_flops()
         if is_main:
             print(f"train step compiled in {time.perf_counter() - t0:.1f}s", flush=True)
             if config.debug.print_memory:
                 _print_memory(compiled)
+            if flops:
+                print(
+                    f"train step: {flops / 1e9:.2f} GFLOP per device (XLA cost analysis)"
+                    + (f", peak {peak / 1e12:.0f} TFLOP/s per device" if peak else ""),
+                    flush=True,
+                )
 
         writer = MetricWriter(workdir, enabled=is_main)
         progress = Progress(total, global_batch, start)
@@ -341,6 +404,13 @@ def train(
                 log.error("non-finite loss/gradients at step %d: %s", step_done, m)
                 raise NonFiniteError(step_done, m)
             if step_done % int(config.log_every) == 0 or step_done == last:
+                rate = progress.rate(step_done)
+                if rate > 0:
+                    m["perf/step_seconds"] = 1.0 / rate
+                    m["perf/examples_per_second"] = rate * global_batch
+                    util = throughput.mfu(flops, 1.0 / rate, peak)
+                    if util is not None:
+                        m["perf/mfu"] = util
                 writer.write(step_done, m)
                 if is_main:
                     progress.print(step_done, m)
@@ -349,7 +419,14 @@ def train(
         preempted = False
         with PreemptionGuard() as guard:
             try:
+                fail_at = int(config.debug.fail_at_step)
                 for step in range(start, last):
+                    if step + 1 == fail_at and jax.process_index() == int(
+                        config.debug.fail_process
+                    ):
+                        raise RuntimeError(
+                            f"debug.fail_at_step: simulated failure at step {step + 1}"
+                        )
                     host = _host_batch(next(data_iter), spec)
                     batch = {
                         k: jax.make_array_from_process_local_data(batch_sh[k], v, spec[k][0])

@@ -90,6 +90,8 @@ class Progress:
         if rate > 0:
             eta = datetime.timedelta(seconds=round((self.total - step) / rate))
             parts += [f"{rate * self.batch:.1f} img/s", f"ETA {eta}"]
+        if "perf/mfu" in scalars:
+            parts.append(f"MFU {_scalar(scalars['perf/mfu']):.1%}")
         if "lr" in scalars:
             parts.append(f"lr {_scalar(scalars['lr']):.2e}")
         return " | ".join(parts)

@@ -1,0 +1,183 @@
+"""Multi-process training on one machine (jax.distributed over gloo, CPU devices per process):
+2 processes x 2 devices == 1 process x 4 devices, checkpoints restored onto other device and
+process counts, and a failing process ending the job instead of hanging it.
+
+Every run is `python -m regionclip_jax.main` in subprocesses, as a user would start it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from test_pretrain import tiny_pretrain_config  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+ENV = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "JAX_ENABLE_COMPILATION_CACHE": "false",  # see loop.avoid_cpu_multidevice_cache_hang
+    # 2 cores shared by several processes: collectives may wait long for a slow peer.
+    "XLA_FLAGS": "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+    " --xla_cpu_collective_timeout_seconds=600",
+}
+
+
+@pytest.fixture(scope="module")
+def sw_dir(tmp_path_factory):
+    from regionclip_jax.data import shapesworld
+
+    d = tmp_path_factory.mktemp("sw_mp")
+    shapesworld.generate(d, num_train=96, num_val=0, seed=0, image_size=64)
+    return str(d)
+
+
+def _config_file(path: Path, sw_dir: str, **changes) -> Path:
+    # data x fsdp: parameters and optimizer state are sharded across the processes too.
+    cfg = tiny_pretrain_config(
+        sw_dir, log_every=1, **{"data.batch_size": 8, "mesh": {"data": -1, "fsdp": 2}}, **changes
+    )
+    path.write_text(
+        "import ml_collections\n\n"
+        f"def get_config(arg=None):\n    return ml_collections.ConfigDict({cfg.to_dict()!r})\n"
+    )
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_job(cfg_file, workdir, *, processes: int, devices: int, extra=(), timeout=400):
+    """Starts `processes` copies of main (each with `devices` CPU devices); returns
+    [(returncode, stdout, stderr)] in process order and the wall time."""
+    base = [
+        sys.executable, "-m", "regionclip_jax.main", f"--config={cfg_file}",
+        f"--workdir={workdir}", f"--num_cpu_devices={devices}", *extra,
+    ]  # fmt: skip
+    if processes > 1:
+        port = _free_port()
+        base += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
+    procs = [
+        subprocess.Popen(
+            base + ([f"--process_id={i}"] if processes > 1 else []),
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(processes)
+    ]
+    start = time.time()
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, timeout - (time.time() - start)))
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results, time.time() - start
+
+
+def _ok(results) -> None:
+    for i, (rc, _out, err) in enumerate(results):
+        assert rc == 0, f"process {i} exited {rc}:\n{err[-3000:]}"
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = float(row["loss"])  # a resumed run overwrites the steps it redoes
+    return out
+
+
+def test_two_processes_of_two_devices_match_one_process_of_four(sw_dir, tmp_path):
+    cfg = _config_file(tmp_path / "cfg.py", sw_dir, total_steps=4, checkpoint_every=2)
+    one, _ = _run_job(cfg, tmp_path / "one", processes=1, devices=4)
+    _ok(one)
+    # Through the local launcher, as a user would start it.
+    two_dir = tmp_path / "two"
+    launcher = subprocess.run(
+        ["bash", str(REPO / "launch" / "local_multiprocess.sh"), "-n", "2", "-d", "2",
+         "--port", str(_free_port()), str(cfg), str(two_dir)],
+        cwd=REPO, env={**ENV, "PYTHON": sys.executable}, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert launcher.returncode == 0, launcher.stderr[-3000:]
+    for i in range(2):
+        log = (two_dir / "logs" / f"process_{i}.log").read_text()
+        assert f"process {i} of 2 (explicit): 2 local / 4 devices" in log
+    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-5)
+    # Both processes wrote their part of the checkpoint (and their data position).
+    data = tmp_path / "two" / "checkpoints" / "4" / "data"
+    assert sorted(p.name for p in data.glob("process_*")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+
+
+def test_checkpoint_of_eight_devices_resumes_on_four_and_on_two_processes(sw_dir, tmp_path):
+    cfg = _config_file(tmp_path / "cfg.py", sw_dir, total_steps=8, checkpoint_every=4)
+    ref_dir = tmp_path / "eight"
+    ref_run, _ = _run_job(cfg, ref_dir, processes=1, devices=8)
+    _ok(ref_run)
+    ref = _losses(ref_dir)
+    assert sorted(ref) == list(range(1, 9))
+
+    for name, processes, devices in (("four", 1, 4), ("two_by_two", 2, 2)):
+        run_dir = tmp_path / name
+        shutil.copytree(ref_dir, run_dir)
+        shutil.rmtree(run_dir / "checkpoints" / "8")  # as if the 8-device run stopped at step 4
+        results, _ = _run_job(cfg, run_dir, processes=processes, devices=devices)
+        _ok(results)
+        assert f"resuming from {run_dir / 'checkpoints'}/4" in results[0][1]
+        if processes > 1:  # the data position is mapped, not read from a per-process file
+            assert "written by another number of processes" in results[0][2]
+        got = _losses(run_dir)
+        np.testing.assert_allclose(
+            # Another device count sums in another order: fp32 rounding (~1e-6), grown over four
+            # SGD steps to <= 2e-5 here. A wrong data position or state would differ by O(1).
+            [got[s] for s in range(5, 9)], [ref[s] for s in range(5, 9)], rtol=1e-4,
+            err_msg=f"resumed on {processes} x {devices} devices",
+        )  # fmt: skip
+
+
+def test_a_failing_process_ends_the_job_with_a_message(sw_dir, tmp_path):
+    cfg = _config_file(
+        tmp_path / "cfg.py",
+        sw_dir,
+        total_steps=50,
+        checkpoint_every=100,
+        **{"debug.fail_at_step": 3, "debug.fail_process": 1},
+    )
+    results, seconds = _run_job(
+        cfg, tmp_path / "run", processes=2, devices=2, extra=["--heartbeat_timeout=10"], timeout=300
+    )
+    (rc0, _, err0), (rc1, _, err1) = results
+    assert rc1 == 1, err1[-2000:]
+    assert "process 1 of 2 failed: RuntimeError: debug.fail_at_step" in err1
+    # Process 0 does not hang: it stops on the lost peer or on the missed heartbeats.
+    assert rc0 != 0
+    assert "another task died" in err0 or "Connection closed by peer" in err0, err0[-2000:]
+    assert seconds < 240
