@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 # pyenv shims need PYENV_VERSION; elsewhere the variable is ignored and python3.12 is found on PATH.
 PYTHON312 ?= env PYENV_VERSION=3.12.1 python3.12
 
-.PHONY: setup demo test test-latest lint format ci clean
+.PHONY: setup demo test test-latest lint format ci clean aot-setup
 
 $(VENV)/.installed: $(REQS) requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: lint
 test-latest:
 	$(MAKE) test PYTHON="$(PYTHON312)" VENV=.venv-latest REQS=requirements-latest.txt
 
+# launch/aot_compile.py: compile the train step for TPU topologies on this CPU (benchmarks/aot_tpu.sh).
+aot-setup:
+	$(MAKE) setup VENV=.venv-tpu REQS=launch/requirements-tpu.txt
+
 format: setup
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
@@ -41,4 +45,4 @@ format: setup
 ci: test test-latest
 
 clean:
-	rm -rf .venv .venv-latest .pytest_cache .ruff_cache
+	rm -rf .venv .venv-latest .venv-tpu .pytest_cache .ruff_cache
