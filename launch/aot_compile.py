@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU; run nothing here
@@ -71,8 +72,26 @@ def compile_for(config, topology: str, num_concepts: int, mfu: float) -> dict:
     mesh = parallel.make_mesh(dict(config.mesh or {"data": -1}), devices)
     rules = parallel.rules_from_config(config)
     program = loop.build_step(config, _task(config, num_concepts), mesh, rules)
-    with jax.set_mesh(mesh), parallel.axis_rules(rules):
-        compiled = program.jitted.lower(program.abstract_state, program.abstract_batch).compile()
+    row = {
+        "topology": topology,
+        "chips": len(devices),
+        "hosts": hosts,
+        "mesh": dict(mesh.shape),
+        "batch_per_chip": int(config.data.batch_size) / len(devices),
+        "dtype": str(config.model.dtype),
+        "hbm_gib": HBM_GIB[generation],
+        "mfu": mfu,
+        "total_steps": int(config.total_steps),
+    }
+    try:
+        with jax.set_mesh(mesh), parallel.axis_rules(rules):
+            lowered = program.jitted.lower(program.abstract_state, program.abstract_batch)
+            compiled = lowered.compile()
+    except Exception as e:  # libtpu refuses programs that cannot fit: report, go on
+        match = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or match is None:
+            raise
+        return row | {"fits": False, "temporaries_gib": float(match.group(1)), "error": "HBM"}
     mem = compiled.memory_analysis()
     gib = 2.0**30
     arg, out, tmp, alias = (
@@ -84,26 +103,16 @@ def compile_for(config, topology: str, num_concepts: int, mfu: float) -> dict:
     peak_mem = arg + out - alias + tmp  # donated state: outputs reuse the argument buffers
     flops = throughput.compiled_flops(compiled) or 0.0
     step_s = flops / (mfu * PEAK[generation]) if flops else float("nan")
-    total = int(config.total_steps)
-    return {
-        "topology": topology,
-        "chips": len(devices),
-        "hosts": hosts,
-        "mesh": dict(mesh.shape),
-        "batch_per_chip": int(config.data.batch_size) / len(devices),
-        "dtype": str(config.model.dtype),
+    return row | {
         "arguments_gib": round(arg, 2),
         "temporaries_gib": round(tmp, 2),
         "outputs_gib": round(out, 2),
         "peak_gib": round(peak_mem, 2),
-        "hbm_gib": HBM_GIB[generation],
         "fits": peak_mem <= 0.95 * HBM_GIB[generation],
         "tflop_per_chip_step": round(flops / 1e12, 3),
         "tflop_per_step": round(flops * len(devices) / 1e12, 2),
         "step_seconds_at_mfu": round(step_s, 3),
-        "mfu": mfu,
-        "total_steps": total,
-        "days_at_mfu": round(step_s * total / 86400, 2),
+        "days_at_mfu": round(step_s * row["total_steps"] / 86400, 2),
     }
 
 
@@ -131,6 +140,14 @@ def main(argv):
     for topology in _TOPOLOGY.value:
         r = compile_for(config, topology, _CONCEPTS.value, _MFU.value)
         rows.append(r)
+        if "error" in r:
+            print(
+                f"{r['topology']:<12}{r['chips']:>6}{r['batch_per_chip']:>9.1f}{r['dtype']:>9}"
+                f"{'':>8}{r['temporaries_gib']:>8.2f}{'':>9}{r['hbm_gib']:>5}{'NO':>6}"
+                "   (libtpu: temporaries exceed HBM)",
+                flush=True,
+            )
+            continue
         print(
             f"{r['topology']:<12}{r['chips']:>6}{r['batch_per_chip']:>9.1f}{r['dtype']:>9}"
             f"{r['arguments_gib']:>8.2f}{r['temporaries_gib']:>8.2f}{r['peak_gib']:>9.2f}"
