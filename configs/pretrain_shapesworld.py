@@ -48,9 +48,9 @@ def get_config(arg: str | None = None):
         arg,
         runlocal=False,
         teacher="/tmp/regionclip_jax/clip_shapesworld/export",
-        steps=300,
+        steps=600,
         batch=32,
-        lr=0.005,
+        lr=0.01,
         regions="gt",
         data="/tmp/regionclip_jax/shapesworld",
     )
@@ -63,7 +63,7 @@ def get_config(arg: str | None = None):
     c.model.init = a.teacher
     res = 128
     c.data.shapesworld.dir = a.data
-    c.data.shapesworld.num_train = 2000
+    c.data.shapesworld.num_train = 4000
     c.data.shapesworld.num_val = 200
     c.data.shapesworld.image_size = res
     c.data.shapesworld.min_objects = 2
@@ -71,6 +71,10 @@ def get_config(arg: str | None = None):
     # Object sides in pixels as in the teacher's 64 px iconic images (29-58 px).
     c.data.shapesworld.small_size = (0.23, 0.3)
     c.data.shapesworld.large_size = (0.32, 0.45)
+    # Captions name shapes only (the frozen text tower never saw colour/size words: they are
+    # noise it cannot embed) and up to all 4 objects.
+    c.data.shapesworld.color_mention = c.data.shapesworld.size_mention = 0.0
+    c.data.shapesworld.max_mentions = 4
     c.data.batch_size = a.batch
     c.data.min_size = c.data.max_size = res
     c.data.canvas = (res, res)
@@ -81,6 +85,9 @@ def get_config(arg: str | None = None):
     c.pretrain.concepts = ""  # frequent caption nouns
     c.pretrain.concept_min_count = 100
     c.pretrain.group_size = 0
+    c.pretrain.temperature = c.pretrain.teacher_temperature = 0.05
+    # The image-text loss is the only source of knowledge the teacher lacks: weighted up (exp6).
+    c.pretrain.loss_weights = (1.0, 1.0, 8.0)
 
     c.optim.name = "sgd"
     c.optim.lr = common.scale_lr(a.lr, 32, a.batch)

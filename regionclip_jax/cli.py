@@ -303,7 +303,7 @@ _register_inference_commands()
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes")
     p.add_argument("--teacher-steps", type=int, default=1000, help="image-level CLIP steps")
-    p.add_argument("--student-steps", type=int, default=300, help="region pretraining steps")
+    p.add_argument("--student-steps", type=int, default=600, help="region pretraining steps")
 
 
 @command(

@@ -117,7 +117,7 @@ def run(
     out_dir: str = "runs/demo",
     *,
     teacher_steps: int = 1000,
-    student_steps: int = 300,
+    student_steps: int = 600,
 ) -> dict:
     """Runs the demo into `out_dir`; returns the accuracy table and the stage timings."""
     import jax

@@ -62,6 +62,7 @@ def prepare_shapesworld(config: ml_collections.ConfigDict) -> None:
                 large_size=tuple(float(x) for x in sw.large_size),
                 color_mention=float(sw.color_mention),
                 size_mention=float(sw.size_mention),
+                max_mentions=int(sw.get("max_mentions", 3)),
             )
         # Multi-host: other processes must wait for process 0 (shared file system assumed).
         if jax.process_count() > 1:

@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shapesworld.large_size = (0.30, 0.42)
     c.data.shapesworld.color_mention = 0.75
     c.data.shapesworld.size_mention = 0.35
+    c.data.shapesworld.max_mentions = 3  # most objects one caption names
     c.data.batch_size = 32  # global batch (all processes)
     c.data.min_size = 128
     c.data.max_size = 128
