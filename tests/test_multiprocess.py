@@ -7,7 +7,6 @@ Every run is `python -m regionclip_jax.main` in subprocesses, as a user would st
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from test_pretrain import tiny_pretrain_config  # noqa: E402
+from test_train_loop import _losses_from_jsonl as _losses  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -100,14 +100,6 @@ def _run_job(cfg_file, workdir, *, processes: int, devices: int, extra=(), timeo
 def _ok(results) -> None:
     for i, (rc, _out, err) in enumerate(results):
         assert rc == 0, f"process {i} exited {rc}:\n{err[-3000:]}"
-
-
-def _losses(workdir: Path) -> dict[int, float]:
-    out = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = float(row["loss"])  # a resumed run overwrites the steps it redoes
-    return out
 
 
 def test_two_processes_of_two_devices_match_one_process_of_four(sw_dir, tmp_path):
