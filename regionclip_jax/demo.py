@@ -1,7 +1,7 @@
 """The README's main job: RegionCLIP end to end on ShapesWorld, on a CPU, in minutes.
 
   1. data: "iconic" ShapesWorld (one large object per image, captions naming its shape) for the
-     image-level teacher, and cluttered scenes (2-4 objects, captions with colours and sizes) for
+     image-level teacher, and cluttered scenes (2-4 objects, captions naming up to 4 shapes) for
      region pretraining, with held-out validation scenes;
   2. teacher: image-level CLIP trained from scratch (configs/clip_shapesworld.py);
   3. student: RegionCLIP region-text pretraining from the teacher
