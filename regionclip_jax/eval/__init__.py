@@ -1,1 +1,22 @@
-"""regionclip_jax.eval."""
+"""regionclip_jax.eval: detection post-processing, result streaming, COCO and LVIS evaluators."""
+
+from regionclip_jax.eval.coco import evaluate_coco, format_table
+from regionclip_jax.eval.lvis import evaluate_lvis
+from regionclip_jax.eval.results import (
+    DETECTION_DTYPE,
+    DetectionWriter,
+    read_detections,
+    read_image_ids,
+    to_coco_json,
+)
+
+__all__ = [
+    "DETECTION_DTYPE",
+    "DetectionWriter",
+    "evaluate_coco",
+    "evaluate_lvis",
+    "format_table",
+    "read_detections",
+    "read_image_ids",
+    "to_coco_json",
+]
