@@ -304,20 +304,33 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes")
     p.add_argument("--teacher-steps", type=int, default=1000, help="image-level CLIP steps")
     p.add_argument("--student-steps", type=int, default=600, help="region pretraining steps")
+    p.add_argument("--rpn-steps", type=int, default=300, help="proposal network steps")
+    p.add_argument("--detect-steps", type=int, default=400, help="OVD fine-tuning steps (each)")
+    p.add_argument(
+        "--skip-detection", action="store_true", help="stop after the region recognition table"
+    )
 
 
 @command(
     "demo",
-    help="run the README's main job: teacher CLIP -> region pretraining -> zero-shot table",
+    help="run the README's main job: teacher CLIP -> region pretraining -> zero-shot table "
+    "-> open-vocabulary detection",
     arguments=_demo_arguments,
 )
 def _demo(args: argparse.Namespace) -> int:
     from regionclip_jax import demo
 
-    for name in ("teacher_steps", "student_steps"):
+    for name in ("teacher_steps", "student_steps", "rpn_steps", "detect_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    demo.run(args.out, teacher_steps=args.teacher_steps, student_steps=args.student_steps)
+    demo.run(
+        args.out,
+        teacher_steps=args.teacher_steps,
+        student_steps=args.student_steps,
+        rpn_steps=args.rpn_steps,
+        detect_steps=args.detect_steps,
+        detection=not args.skip_detection,
+    )
     return 0
 
 

@@ -57,9 +57,8 @@ def main(argv: list[str]) -> None:
     mode = config.get("mode")
     if mode is None:
         print(
-            "regionclip_jax.main: the config has no `mode` (one of: clip, pretrain; the "
-            "detection trainers arrive in a later issue): the config above was resolved and "
-            "nothing was run.",
+            "regionclip_jax.main: the config has no `mode` (one of: clip, pretrain, detect, "
+            "rpn): the config above was resolved and nothing was run.",
             file=sys.stderr,
         )
         sys.exit(1)
@@ -99,6 +98,14 @@ def main(argv: list[str]) -> None:
             from regionclip_jax.train import pretrain_trainer
 
             result = pretrain_trainer.run(config, _WORKDIR.value)
+        elif mode == "detect":
+            from regionclip_jax.train import detection_trainer
+
+            result = detection_trainer.run(config, _WORKDIR.value)
+        elif mode == "rpn":
+            from regionclip_jax.train import rpn_trainer
+
+            result = rpn_trainer.run(config, _WORKDIR.value)
         else:
             raise config_validation.ConfigError(
                 f"config.mode: unknown mode {mode!r}; valid: {config_validation.MODES}"

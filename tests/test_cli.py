@@ -248,7 +248,7 @@ def test_main_py_prints_config_and_stops(tmp_path):
     )
     assert proc.returncode == 1
     assert "learning_rate: 0.5" in proc.stdout and "variant: runlocal" in proc.stdout
-    assert "later issue" in proc.stderr
+    assert "has no `mode`" in proc.stderr
 
 
 def test_init_random_writes_a_loadable_checkpoint_and_rejects_unknown_presets(tmp_path, capsys):

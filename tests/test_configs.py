@@ -16,7 +16,20 @@ from regionclip_jax.train import config_validation, loop
 from regionclip_jax.train.config_validation import ConfigError, validate
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["clip_shapesworld", "pretrain_shapesworld", "pretrain_rn50_cc3m", "pretrain_rn50x4_cc3m"]
+CONFIGS = [
+    "clip_shapesworld",
+    "pretrain_shapesworld",
+    "pretrain_rn50_cc3m",
+    "pretrain_rn50x4_cc3m",
+    "rpn_shapesworld",
+    "detect_shapesworld",
+    "ovd_coco_rn50",
+    "ovd_coco_rn50x4",
+    "ovd_lvis_rn50x4",
+    "coco80_rn50",
+    "zeroshot_coco",
+    "zeroshot_lvis",
+]
 
 
 def _load(name: str):
@@ -45,6 +58,8 @@ def test_configs_resolve_and_validate(name, arg):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_runlocal_is_small(name):
     full, local = _load(name).get_config(), _load(name).get_config("runlocal")
+    if full.get("detect") and full.detect.eval_only:
+        pytest.skip("no training (test_runlocal_is_small_for_eval_only_configs)")
     assert local.total_steps < full.total_steps and local.data.batch_size < full.data.batch_size
 
 
@@ -102,7 +117,7 @@ def _base():
         (lambda c: c.optim.__setitem__("lrr", 0.1), "optim.lrr"),
         (lambda c: c.__setitem__("totl_steps", 3), "totl_steps"),
         (lambda c: c.data.shapesworld.__setitem__("num_trian", 3), "data.shapesworld.num_trian"),
-        (lambda c: c.__setitem__("mode", "detect"), "mode"),
+        (lambda c: c.__setitem__("mode", "detection"), "mode"),
         (lambda c: c.optim.__setitem__("name", "lamb"), "optim.name"),
         (lambda c: c.optim.__setitem__("decay_steps", (20, 10)), "optim.decay_steps"),
         (lambda c: c.optim.__setitem__("freeze", ("visual/(",)), "optim.freeze"),
@@ -189,3 +204,40 @@ def test_schema_matches_validation():
         _load("common").tiny_clip_model(resolution=128, context_length=77)
     )
     validate(cfg, num_devices=1)
+
+
+def test_runlocal_is_small_for_eval_only_configs():
+    for name in ("zeroshot_coco", "zeroshot_lvis"):
+        local = _load(name).get_config("runlocal")
+        assert local.detect.eval_only and local.data.shapesworld.num_val <= 16
+
+
+@pytest.mark.parametrize(
+    "name, task, steps, decay",
+    [
+        ("ovd_coco_rn50", "coco", 90_000, (60_000, 80_000)),
+        ("ovd_lvis_rn50x4", "lvis", 180_000, (120_000, 160_000)),
+    ],
+)
+def test_detection_configs_are_the_papers_schedule_and_scale_with_the_batch(
+    name, task, steps, decay
+):
+    c = _load(name).get_config()
+    assert (c.data.batch_size, c.total_steps, c.optim.lr) == (16, steps, 0.002)
+    assert tuple(c.optim.decay_steps) == decay and c.optim.warmup_steps == 5000
+    assert c.detect.task == task and c.detect.rois_per_image == 512
+    assert c.detect.positive_fraction == 0.25 and c.detect.temperature == 0.01
+    big = _load(name).get_config("batch=64")
+    assert big.optim.lr == pytest.approx(0.008) and big.total_steps == steps // 4
+    assert tuple(big.optim.decay_steps) == tuple(d // 4 for d in decay)
+
+
+def test_custom_detection_config_needs_only_the_json(tmp_path):
+    c = _load("detect_custom").get_config()
+    with pytest.raises(ConfigError, match=r"detect\.train_json"):
+        validate(c, num_devices=1)
+    c = _load("detect_custom").get_config(f"json={tmp_path / 'a.json'}")
+    assert c.detect.train_json == c.detect.val_json == str(tmp_path / "a.json")
+    # What is left to provide is the model (a converted checkpoint), not more paths.
+    with pytest.raises(ConfigError, match=r"config\.model\.init"):
+        validate(c, num_devices=1)

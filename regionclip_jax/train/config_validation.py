@@ -19,7 +19,10 @@ from typing import Any
 
 import ml_collections
 
-MODES = ("clip", "pretrain")
+MODES = ("clip", "pretrain", "detect", "rpn")
+DETECT_TASKS = ("coco", "lvis")
+PROPOSAL_SOURCES = ("rpn", "gt")
+RPN_KINDS = ("c4", "fpn", "clip")
 REGION_SOURCES = ("proposals", "random", "gt", "rpn")
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -119,6 +122,61 @@ def base_config() -> ml_collections.ConfigDict:
     c.pretrain.freeze_at = 2  # student stem (1) + layer1 (2) frozen, as the original
     c.pretrain.pooler_resolution = 0  # RoIAlign output; 0 = 2 x input_resolution / 32
 
+    # Modes `detect` (OVD / fully-supervised Fast R-CNN fine-tuning and zero-shot inference,
+    # regionclip_jax.train.detection_trainer; spec §1.3-§1.5, §5, §6) and `rpn` (a class-agnostic
+    # proposal network trained on the training boxes, regionclip_jax.train.rpn_trainer).
+    c.detect = ml_collections.ConfigDict()
+    c.detect.task = "coco"  # coco: focal-scaled CE (bg 0.2), COCO eval | lvis: weighted CE (bg 0.8)
+    # COCO-format jsons; converted once into shards under WORKDIR/shards (images: image_root, or
+    # the json's directory when empty). data.train / data.val shards may be given instead.
+    c.detect.train_json = ""
+    c.detect.val_json = ""
+    c.detect.image_root = ""
+    c.detect.val_image_root = ""
+    c.detect.split = ""  # "" (categories' own `split` field, else all base) | coco48_17 | lvis
+    c.detect.train_classes = "base"  # base: OVD (novel boxes removed) | all: fully supervised
+    c.detect.templates = "ensemble"  # class-name prompts when embeddings are computed
+    c.detect.train_embeddings = ""  # .npy/.pth [K_train, D]; "" = from model.init's text tower
+    c.detect.test_embeddings = ""  # [K_test, D] over all classes; "" = from model.init's text tower
+    c.detect.proposals = "rpn"  # rpn: the frozen offline RPN of detect.rpn_init | gt: GT boxes
+    c.detect.rpn_init = ""  # an `rpn` mode workdir (its export/) or a detectron2 RPN .pth
+    c.detect.rpn_pre_nms_topk = 6000  # offline RPN in eval mode: its test-time settings (spec 5.2)
+    c.detect.rpn_post_nms_topk = 1000
+    c.detect.rpn_nms_thresh = 0.7
+    c.detect.rois_per_image = 512
+    c.detect.positive_fraction = 0.25
+    c.detect.iou_threshold = 0.5
+    c.detect.bg_weight = -1.0  # < 0: the task's default (coco 0.2, lvis 0.8)
+    c.detect.focal_gamma = -1.0  # < 0: the task's default (coco 0.5; lvis has none)
+    c.detect.temperature = 0.01
+    c.detect.mask_on = False
+    c.detect.freeze_at = 2
+    c.detect.pooler_resolution = 0  # 0 = 2 x input_resolution / 32
+    c.detect.max_boxes = 100  # GT slots per image
+    c.detect.train_sizes = (640, 672, 704, 736, 768, 800)
+    c.detect.test_size = 800
+    c.detect.repeat_threshold = 0.0  # > 0: repeat-factor sampling (LVIS 0.001)
+    c.detect.eval_batch_size = 8
+    c.detect.eval_only = False  # zero-shot inference: evaluate model.init, no training
+    c.detect.score_thresh = 0.001
+    c.detect.nms_thresh = 0.5
+    c.detect.soft_nms = True  # Gaussian soft-NMS (sigma 0.5), as all the OVD test scripts
+    c.detect.topk = 100  # detections per image (COCO 100, LVIS 300)
+    c.detect.max_candidates = 2000  # (RoI, class) pairs kept before NMS (postprocess docstring)
+    c.detect.multiply_rpn_score = False  # sqrt(p * RPN logit) fusion (LVIS, zero-shot with RPN)
+    c.detect.apply_deltas = True  # False: NO_BOX_DELTA (zero-shot; always with GT proposals)
+    c.detect.max_eval_images = 0  # > 0: evaluate the first N val images only
+
+    c.rpn = ml_collections.ConfigDict()
+    c.rpn.kind = "c4"  # c4 | fpn (detectron2 R50, from rpn.init) | clip (head on model's trunk)
+    c.rpn.init = ""  # detectron2 RPN .pth to start from (kinds c4 / fpn)
+    c.rpn.depth = 50
+    c.rpn.base_width = 64
+    c.rpn.anchor_sizes = (32, 64, 128, 256, 512)
+    c.rpn.aspect_ratios = (0.5, 1.0, 2.0)
+    c.rpn.freeze_at = 2
+    c.rpn.train_classes = "base"  # the original's OVD RPNs see base boxes only
+
     c.debug = ml_collections.ConfigDict()
     c.debug.nan_at_step = 0  # > 0: make the loss and gradients of that update NaN (tests)
     c.debug.step_sleep = 0.0  # seconds to sleep after each step (tests kill runs mid-way)
@@ -207,7 +265,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 
     # Data.
     d = config.data
-    if not d.train and not d.shapesworld.dir:
+    if config.mode in ("detect", "rpn"):
+        _validate_detect(config)
+    elif not d.train and not d.shapesworld.dir:
         _fail("data.train", "set data.train (shards) or data.shapesworld.dir (generated)")
     if len(d.canvas) != 2 or min(d.canvas) < 1:
         _fail("data.canvas", f"must be (height, width), got {d.canvas}")
@@ -261,6 +321,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         _fail("model.overrides.image_resolution", f"a ResNet needs a multiple of 32, got {res}")
     if config.mode == "pretrain":
         _validate_pretrain(config, clip_cfg)
+    elif config.mode in ("detect", "rpn"):
+        if not clip_cfg.is_resnet and (config.mode == "detect" or config.rpn.kind == "clip"):
+            _fail("model", "the detector's region head is res5 + attnpool: needs a ResNet CLIP")
     elif tuple(int(x) for x in d.canvas) != (res, res):
         _fail(
             "data.canvas",
@@ -306,6 +369,51 @@ def _validate_pretrain(config: ml_collections.ConfigDict, clip_cfg: Any) -> None
         _fail("pretrain.pooler_resolution", f"must be >= 0, got {p.pooler_resolution}")
     if int(p.concept_min_count) < 1:
         _fail("pretrain.concept_min_count", f"must be >= 1, got {p.concept_min_count}")
+
+
+def _validate_detect(config: ml_collections.ConfigDict) -> None:
+    d, t = config.data, config.detect
+    has_train = bool(d.train or t.train_json or d.shapesworld.dir)
+    if not has_train and not (config.mode == "detect" and t.eval_only):
+        _fail("detect.train_json", "set detect.train_json (COCO-format json) or data.train shards")
+    if config.mode == "detect" and not (d.val or t.val_json or d.shapesworld.dir):
+        _fail("detect.val_json", "set detect.val_json (COCO-format json of the evaluation set)")
+    if t.task not in DETECT_TASKS:
+        _fail("detect.task", f"must be one of {DETECT_TASKS}, got {t.task!r}")
+    if t.proposals not in PROPOSAL_SOURCES:
+        _fail("detect.proposals", f"must be one of {PROPOSAL_SOURCES}, got {t.proposals!r}")
+    if config.mode == "detect" and t.proposals == "rpn" and not t.rpn_init:
+        _fail("detect.rpn_init", "proposals='rpn' needs an RPN: an `rpn` workdir or a .pth")
+    if t.proposals == "gt" and not t.eval_only:
+        _fail("detect.proposals", "'gt' proposals are for zero-shot evaluation (eval_only)")
+    for key in ("train_classes",):
+        if t[key] not in ("base", "all"):
+            _fail(f"detect.{key}", f"must be 'base' or 'all', got {t[key]!r}")
+    if config.rpn.train_classes not in ("base", "all"):
+        _fail("rpn.train_classes", f"must be 'base' or 'all', got {config.rpn.train_classes!r}")
+    if t.templates not in ("ensemble", "single"):
+        _fail("detect.templates", f"must be 'ensemble' or 'single', got {t.templates!r}")
+    for key in ("rois_per_image", "max_boxes", "test_size", "eval_batch_size", "topk"):
+        if int(t[key]) < 1:
+            _fail(f"detect.{key}", f"must be >= 1, got {t[key]}")
+    if not 0.0 < float(t.positive_fraction) <= 1.0:
+        _fail("detect.positive_fraction", f"must be in (0, 1], got {t.positive_fraction}")
+    if float(t.temperature) <= 0:
+        _fail("detect.temperature", f"must be > 0, got {t.temperature}")
+    if not t.train_sizes or any(int(x) < 1 for x in t.train_sizes):
+        _fail("detect.train_sizes", f"must be positive sizes, got {tuple(t.train_sizes)}")
+    canvas = tuple(int(x) for x in d.canvas)
+    longest = max([int(x) for x in t.train_sizes] + [int(t.test_size)])
+    if int(d.max_size or 0) == 0 and longest > min(canvas):
+        _fail("data.canvas", f"{canvas} cannot hold a {longest}-pixel side: set data.max_size")
+    if max(canvas) % 32:
+        _fail("data.canvas", f"must be multiples of 32 (RoI features at stride 16), got {canvas}")
+    if t.task == "lvis" and float(t.focal_gamma) >= 0:
+        _fail("detect.focal_gamma", "LVIS has no focal scaling (leave it < 0)")
+    if not 0 <= int(t.freeze_at) <= 5:
+        _fail("detect.freeze_at", f"must be in 0..5, got {t.freeze_at}")
+    if config.rpn.kind not in RPN_KINDS:
+        _fail("rpn.kind", f"must be one of {RPN_KINDS}, got {config.rpn.kind!r}")
 
 
 def clip_config(config: ml_collections.ConfigDict):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -227,6 +228,12 @@ def avoid_cpu_multidevice_cache_hang() -> bool:
         jax.__version__,
     )
     return True
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a checkpoint `train` would resume from."""
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 def _host_batch(batch: Mapping[str, np.ndarray], spec: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -337,11 +337,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     )
     names = concept_names(config)
     task = PretrainTask(config, names)
-    if not _has_checkpoint(workdir):
+    if not loop_lib.has_checkpoint(workdir):
         task.load_init_weights()
-    return loop_lib.train(config, workdir, task, **kwargs)
+    keep = kwargs.get("keep_state", False)
+    kwargs["keep_state"] = True
+    result = loop_lib.train(config, workdir, task, **kwargs)
+    # save_clip is single-process (as the clip trainer's export).
+    if not result.preempted and result.step >= int(config.total_steps) and jax.process_count() == 1:
+        export_student(result, os.path.join(workdir, "export"))
+    if not keep:
+        result.state = result.graphdef = None
+    return result
 
 
-def _has_checkpoint(workdir: str) -> bool:
-    d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+def export_student(result: loop_lib.TrainResult, directory: str) -> None:
+    """Writes the region-pretrained student CLIP as a `save_clip` checkpoint.
+
+    The export is what the detection trainers take as `model.init`; the text tower is the frozen
+    one the student started with.
+    """
+    from regionclip_jax import parallel
+    from regionclip_jax.convert.checkpoint import save_clip
+
+    state = parallel.gather_to_host(
+        {"params": result.state["params"], "rest": result.state["rest"]}
+    )
+    model = state_lib.merge(result.graphdef, state["params"], state["rest"])
+    save_clip(model.student, directory, overwrite=True)
+    print(f"exported the region-pretrained student (step {result.step}) to {directory}", flush=True)

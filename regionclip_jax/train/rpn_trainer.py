@@ -1,0 +1,402 @@
+"""Class-agnostic region proposal network training (config mode `rpn`) and RPN loading.
+
+The original's OVD detectors take proposals from an offline RPN trained on the *base* boxes of the
+target data set (`rpn_coco_48.pth`: detectron2 R50-C4; `rpn_lvis_866*.pth`: R50-FPN; spec §1.3,
+§7), run frozen in eval mode. This module trains such an RPN (`rpn.kind`):
+  "c4" / "fpn": detectron2's R50 (caffe/MSRA: BGR, pixel-mean subtraction, FrozenBN), started from
+                `rpn.init` (a detectron2 .pth) or from scratch;
+  "clip":       the RPN head on the res4 of a CLIP ResNet image tower started from `model.init`
+                (the original's `rpn_lvis_1203_clipbackbone` is such an RPN). The ShapesWorld demo
+                uses it: its CLIP tower already knows the shapes, so a few hundred steps suffice.
+Loss: detectron2's (256 anchors per image at half foreground, IoU 0.3 / 0.7 with low-quality
+matches, objectness BCE + L1 deltas, both over 256 x B). Boxes of `rpn.train_classes` ("base":
+the train classes of the detection data, as the original's OVD RPNs; "all") are the targets.
+
+After training, `WORKDIR/export/` holds `rpn.json` (architecture) and `params.npz` (weights):
+pass WORKDIR (or the export dir) as `detect.rpn_init`. `proposal_recall` measures the recall of
+the proposals on the evaluation set, base and novel classes separately (the novel recall says
+whether the class-agnostic RPN generalises beyond its training classes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from regionclip_jax.data.detection_pipeline import detection_batch_spec, make_detection_dataset
+from regionclip_jax.train import config_validation, detection_data
+from regionclip_jax.train import loop as loop_lib
+from regionclip_jax.train import state as state_lib
+
+SPEC_FILE = "rpn.json"
+PARAMS_FILE = "params.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture spec, building and loading.
+
+
+def spec_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The architecture of the RPN that mode `rpn` trains."""
+    r, t = config.rpn, config.detect
+    spec = {
+        "kind": str(r.kind),
+        "depth": int(r.depth),
+        "base_width": int(r.base_width),
+        "anchor_sizes": [float(x) for x in r.anchor_sizes],
+        "aspect_ratios": [float(x) for x in r.aspect_ratios],
+        "pre_nms_topk": int(t.rpn_pre_nms_topk),
+        "post_nms_topk": int(t.rpn_post_nms_topk),
+        "nms_thresh": float(t.rpn_nms_thresh),
+        "init": str(r.init),
+    }
+    if spec["kind"] == "clip":
+        spec["clip_config"] = config_validation.clip_config(config).to_dict()
+    return spec
+
+
+def rpn_spec_from_init(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The spec of a trained RPN: an `rpn` workdir / its export dir, or a detectron2 .pth.
+
+    The test-time settings (pre/post-NMS top-k, NMS threshold) come from `config.detect`.
+    """
+    t = config.detect
+    if path == "random":  # smoke runs: an untrained RPN of config.rpn's architecture
+        return dict(spec_from_config(config), weights="")
+    for d in (os.path.join(path, "export"), path):
+        if os.path.isfile(os.path.join(d, SPEC_FILE)):
+            with open(os.path.join(d, SPEC_FILE)) as f:
+                spec = json.load(f)
+            spec["weights"] = os.path.join(d, PARAMS_FILE)
+            break
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"detect.rpn_init {path!r}: neither an `rpn` workdir with export/{SPEC_FILE} "
+                "nor a detectron2 RPN checkpoint file"
+            )
+        from regionclip_jax.convert.detectron2_rpn import infer_rpn_architecture
+
+        spec = dict(infer_rpn_architecture(path), weights=path)
+    spec.update(
+        pre_nms_topk=int(t.rpn_pre_nms_topk),
+        post_nms_topk=int(t.rpn_post_nms_topk),
+        nms_thresh=float(t.rpn_nms_thresh),
+    )
+    return spec
+
+
+class ClipRPN(nnx.Module):
+    """An RPN head on the res4 (stride 16) of a CLIP ModifiedResNet image tower.
+
+    Takes the same input as the detectron2 RPNs (RGB 0..255, zero padding) and applies CLIP's
+    normalisation itself.
+    """
+
+    def __init__(self, clip_config: Any, spec: dict[str, Any], *, rngs: nnx.Rngs):
+        from regionclip_jax.models.clip import build_visual
+        from regionclip_jax.models.rpn import RPN
+
+        self.visual = build_visual(clip_config, rngs=rngs)
+        self.freeze_at = int(spec.get("freeze_at", 2))
+        self.rpn = RPN(
+            kind="features",
+            in_channels=self.visual.layer3_channels
+            if hasattr(self.visual, "layer3_channels")
+            else clip_config.vision_width * 16,
+            strides=(16,),
+            anchor_sizes=tuple(spec["anchor_sizes"]),
+            aspect_ratios=tuple(spec["aspect_ratios"]),
+            pre_nms_topk=int(spec["pre_nms_topk"]),
+            post_nms_topk=int(spec["post_nms_topk"]),
+            nms_thresh=float(spec["nms_thresh"]),
+            rngs=rngs,
+        )
+
+    def features(self, images: jax.Array, image_hw: jax.Array) -> list[jax.Array]:
+        from regionclip_jax.train.detection_trainer import clip_normalize
+        from regionclip_jax.train.pretrain_trainer import student_trunk
+
+        x = clip_normalize(images, image_hw)
+        return [student_trunk(self.visual, x, self.freeze_at)]
+
+    def __call__(self, images: jax.Array, image_hw: jax.Array):
+        return self.rpn.from_features(self.features(images, image_hw), image_hw)
+
+    def losses(self, images, image_hw, gt_boxes, gt_mask, key):
+        return self.rpn.losses_from_features(
+            self.features(images, image_hw), image_hw, gt_boxes, gt_mask, key
+        )
+
+
+def build_rpn(spec: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    """The RPN module `spec` describes (random weights)."""
+    if spec["kind"] == "clip":
+        from regionclip_jax.models.presets import CLIPConfig
+
+        return ClipRPN(CLIPConfig.from_dict(spec["clip_config"]), spec, rngs=rngs)
+    from regionclip_jax.models.rpn import RPN
+
+    return RPN(
+        kind=spec["kind"],
+        depth=int(spec["depth"]),
+        base_width=int(spec["base_width"]),
+        anchor_sizes=tuple(spec["anchor_sizes"]),
+        aspect_ratios=tuple(spec["aspect_ratios"]),
+        num_convs=int(spec.get("num_convs", 1)),
+        fpn_norm=bool(spec.get("fpn_norm", False)),
+        stride_in_1x1=bool(spec.get("stride_in_1x1", True)),
+        pre_nms_topk=int(spec["pre_nms_topk"]),
+        post_nms_topk=int(spec["post_nms_topk"]),
+        nms_thresh=float(spec["nms_thresh"]),
+        rngs=rngs,
+    )
+
+
+def _flat(tree: Any) -> dict[str, np.ndarray]:
+    from regionclip_jax.train.optim import path_str
+
+    return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(tree: Any, flat: dict[str, np.ndarray], where: str) -> Any:
+    from regionclip_jax.train.optim import path_str
+
+    leaves = []
+    for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = path_str(p)
+        if key not in flat:
+            raise ValueError(f"{where}: no weights for {key}")
+        if flat[key].shape != v.shape:
+            raise ValueError(f"{where}: {key} has shape {flat[key].shape}, the RPN {v.shape}")
+        leaves.append(jnp.asarray(flat[key], v.dtype))
+    return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+
+
+def load_rpn_weights(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """(params, rest) of the RPN `spec` describes, read from `spec["weights"]` (on the host)."""
+    path = spec["weights"]
+    model = build_rpn(spec, nnx.Rngs(0))
+    if not path:  # "random"
+        _, params, rest = state_lib.split_model(model)
+        return params, rest
+    if path.endswith(".npz"):
+        _, params, rest = state_lib.split_model(model)
+        with np.load(path) as z:
+            flat = dict(z)
+        params = _unflat(params, {k[2:]: v for k, v in flat.items() if k.startswith("p/")}, path)
+        rest = _unflat(rest, {k[2:]: v for k, v in flat.items() if k.startswith("r/")}, path)
+        return params, rest
+    from regionclip_jax.convert.detectron2_rpn import load_detectron2_rpn
+
+    load_detectron2_rpn(path, model)
+    _, params, rest = state_lib.split_model(model)
+    return params, rest
+
+
+def export_rpn(spec: dict[str, Any], params: Any, rest: Any, directory: str) -> str:
+    """Writes `rpn.json` + `params.npz` (the format `rpn_spec_from_init` reads)."""
+    os.makedirs(directory, exist_ok=True)
+    flat = {f"p/{k}": v for k, v in _flat(params).items()}
+    flat.update({f"r/{k}": v for k, v in _flat(rest).items()})
+    np.savez(os.path.join(directory, PARAMS_FILE), **flat)
+    keep = {k: v for k, v in spec.items() if k not in ("weights", "init")}
+    with open(os.path.join(directory, SPEC_FILE), "w") as f:
+        json.dump(keep, f, indent=2)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+class RPNModel(nnx.Module):
+    def __init__(self, rpn: nnx.Module):
+        self.rpn = rpn
+
+
+class RPNTask:
+    """`loop.Task` for class-agnostic RPN training on the detection data's train classes."""
+
+    def __init__(self, config: ml_collections.ConfigDict, data: detection_data.DetectionData):
+        self.config = config
+        self.data = data
+        self.spec = spec_from_config(config)
+        self.spec["freeze_at"] = int(config.rpn.freeze_at)
+        self.canvas = tuple(int(x) for x in config.data.canvas)
+        ids = data.train_ids if config.rpn.train_classes == "base" else data.test_ids
+        self.category_map = {cid: 0 for cid in ids}  # class-agnostic
+        self.init_weights: tuple[Any, Any] | None = None
+
+    def build_model(self, rngs: nnx.Rngs) -> RPNModel:
+        return RPNModel(build_rpn(self.spec, rngs))
+
+    def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
+        d, t = self.config.data, self.config.detect
+        return make_detection_dataset(
+            d.train,
+            batch_size=int(d.batch_size) // shard_count,
+            canvas=self.canvas,
+            train_sizes=tuple(int(x) for x in t.train_sizes),
+            max_size=int(d.max_size) or None,
+            max_boxes=int(t.max_boxes),
+            category_map=self.category_map,
+            seed=int(self.config.seed),
+            shard_index=shard_index,
+            shard_count=shard_count,
+            num_workers=int(d.num_workers),
+            flip=bool(d.flip),
+            normalize=False,
+        )
+
+    def batch_spec(self, global_batch: int):
+        spec = detection_batch_spec(
+            batch_size=global_batch,
+            canvas=self.canvas,
+            max_boxes=int(self.config.detect.max_boxes),
+            normalize=False,
+        )
+        return {k: spec[k] for k in ("images", "image_hw", "boxes", "box_mask")}
+
+    def loss(self, model: RPNModel, batch, rng, step):
+        del step
+        out = model.rpn.losses(
+            batch["images"].astype(jnp.float32),
+            batch["image_hw"],
+            batch["boxes"],
+            batch["box_mask"],
+            rng,
+        )
+        loss = out["loss_rpn_cls"] + out["loss_rpn_loc"]
+        return loss, dict(out)
+
+    def load_init_weights(self) -> None:
+        if self.spec["kind"] == "clip" and self.config.model.init:
+            from regionclip_jax.convert.checkpoint import load_clip
+
+            clip = load_clip(str(self.config.model.init))
+            _, params, rest = state_lib.split_model(clip.visual)
+            self.init_weights = (params, rest)
+        elif self.spec["kind"] != "clip" and self.spec["init"]:
+            self.init_weights = load_rpn_weights(dict(self.spec, weights=self.spec["init"]))
+
+    def initialize(self, graphdef: Any, state: dict[str, Any]) -> dict[str, Any]:
+        from regionclip_jax.train.pretrain_trainer import _like
+
+        if self.init_weights is None:
+            return state
+        params, rest = state["params"], state["rest"]
+        p, r = self.init_weights
+        if self.spec["kind"] == "clip":
+            where = str(self.config.model.init)
+            params["rpn"]["visual"] = _like(params["rpn"]["visual"], p, where)
+            rest["rpn"]["visual"] = _like(rest["rpn"]["visual"], r, where)
+        else:
+            params["rpn"] = _like(params["rpn"], p, self.spec["init"])
+            rest["rpn"] = _like(rest["rpn"], r, self.spec["init"])
+        return dict(state, params=params, rest=rest)
+
+
+def frozen_patterns(kind: str, freeze_at: int) -> tuple[str, ...]:
+    if kind == "clip":
+        out = [r"^rpn/visual/(attnpool|layer4)/"]  # unused by the RPN (res4 only)
+        if freeze_at >= 1:
+            out.append(r"^rpn/visual/(conv[123]|bn[123])/")
+        out += [rf"^rpn/visual/layer{i}/" for i in range(1, min(freeze_at, 5))]
+        return tuple(out)
+    out = []
+    if freeze_at >= 1:
+        out.append(r"^rpn/backbone/stem/")
+    out += [rf"^rpn/backbone/res{i + 1}/" for i in range(1, min(freeze_at, 5))]
+    return tuple(out)
+
+
+def proposal_recall(
+    task: RPNTask, graphdef: Any, state: dict[str, Any], *, top_n: int = 100, iou: float = 0.5
+) -> dict[str, float]:
+    """Recall of the top-`top_n` proposals at IoU >= `iou` on the evaluation set, per split."""
+    from regionclip_jax import parallel
+    from regionclip_jax.ops.boxes import pairwise_iou
+
+    data, t = task.data, task.config.detect
+    host = jax.device_put(
+        parallel.gather_to_host({"params": state["params"], "rest": state["rest"]}),
+        jax.local_devices()[0],
+    )
+    splits = data.splits()
+    test_ids = data.test_ids
+
+    @jax.jit
+    def best_iou(params, rest, images, image_hw, gt):
+        model = state_lib.merge(graphdef, params, rest)
+        boxes, _, valid = model.rpn(images.astype(jnp.float32), image_hw)
+        boxes, valid = boxes[:, :top_n], valid[:, :top_n]
+        ious = jax.vmap(pairwise_iou)(gt, boxes)  # [B, G, P]
+        return jnp.max(jnp.where(valid[:, None, :], ious, 0.0), axis=-1)
+
+    ds = make_detection_dataset(
+        data.val,
+        batch_size=int(t.eval_batch_size),
+        canvas=task.canvas,
+        train_sizes=(int(t.test_size),),
+        max_size=int(task.config.data.max_size) or None,
+        max_boxes=int(t.max_boxes),
+        category_map=data.test_category_map(),
+        flip=False,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=True,
+        normalize=False,
+    )
+    hits = {"base": [0, 0], "novel": [0, 0]}
+    with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
+        for batch in ds:
+            best = np.asarray(
+                best_iou(
+                    host["params"], host["rest"], batch["images"], batch["image_hw"], batch["boxes"]
+                )
+            )
+            for b in range(best.shape[0]):
+                for g in np.flatnonzero(batch["box_mask"][b]):
+                    side = splits[test_ids[int(batch["labels"][b, g])]]
+                    hits[side][0] += int(best[b, g] >= iou)
+                    hits[side][1] += 1
+    return {f"recall@{top_n}/{k}": h / max(n, 1) for k, (h, n) in hits.items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
+    """Trains the RPN, exports it to WORKDIR/export and reports its proposal recall."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config_validation.validate(config, jax.device_count(), jax.process_count())
+    data = detection_data.prepare(config, workdir)
+    config.data.train, config.data.val = data.train, data.val
+    config.optim.freeze = tuple(config.optim.freeze) + frozen_patterns(
+        str(config.rpn.kind), int(config.rpn.freeze_at)
+    )
+    task = RPNTask(config, data)
+    if not loop_lib.has_checkpoint(workdir):
+        task.load_init_weights()
+    kwargs["keep_state"] = True
+    result = loop_lib.train(config, workdir, task, **kwargs)
+    if result.preempted or result.step < int(config.total_steps):
+        return result
+    if jax.process_index() == 0:
+        host = jax.device_get(result.state)
+        export_rpn(
+            task.spec,
+            host["params"]["rpn"],
+            host["rest"]["rpn"],
+            os.path.join(workdir, "export"),
+        )
+    recall = proposal_recall(task, result.graphdef, result.state)
+    print("proposal recall: " + ", ".join(f"{k} {v:.1%}" for k, v in recall.items()), flush=True)
+    result.metrics = dict(result.metrics, **{f"eval/{k}": v for k, v in recall.items()})
+    return result
