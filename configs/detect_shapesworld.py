@@ -14,10 +14,24 @@ Recipe: the COCO OVD recipe (spec §5) at ShapesWorld scale: proposals from the 
 RPN (configs/rpn_shapesworld.py; 100 per image), GT appended, IoU 0.5, 64 RoIs per image at 25%
 foreground (scenes hold 2-4 objects, so 512 would be nearly all background), focal-scaled CE
 (γ 0.5, background weight 0.2) at τ 0.01, L1 box loss, stem + layer1 frozen; 81-template class
-embeddings from the shared frozen text tower. Test: soft-NMS, 100 detections; COCO AP table and
-AP50 novel / base / all.
+embeddings from the shared frozen text tower; SGD lr 0.002 (the paper's, at batch 16), 400 steps.
+Test: soft-NMS, 100 detections; COCO AP table and AP50 novel / base / all.
 
-Variants (`:ARGS`): init=DIR, rpn=DIR, data=DIR, steps=N, batch=N, lr=X, runlocal.
+Measured (demo data: 200 held-out scenes; AP50 novel / base, student vs teacher init):
+  zero-shot, no fine-tuning            30.0 / 18.8   vs   8.9 /  7.4
+  lr 0.002, 150 steps                   9.5 / 22.6   vs   8.3 / 14.2
+  lr 0.002, 400 steps (default)        10.8 / 31.4   vs  10.4 / 15.2
+  lr 0.01,  400 steps                   5.9 / 31.6   vs   4.4 / 18.4
+  lr 0.01,  400 steps, freeze_at 4     12.2 / 51.7   vs  20.4 / 45.0
+Region pretraining transfers clearly on base shapes and in zero-shot detection; after base-class
+fine-tuning the novel-shape margin is within noise (and reverses with the trunk frozen). Fine-
+tuning costs novel AP fast (30 -> 10 in 150 steps): two thirds of the training scenes contain a
+novel shape, unlabelled, which the detector learns as background (COCO's base json has the same
+kind of unlabelled novel objects, in fewer images).
+
+Variants (`:ARGS`): init=DIR, rpn=DIR, data=DIR, steps=N, batch=N, lr=X, runlocal, and
+`zeroshot`: no fine-tuning, the pretrained model on the RPN's proposals with all 10 class
+embeddings (the zero-shot protocol of spec §6.2: NMS 0.5, proposals used as boxes).
 """
 
 from __future__ import annotations
@@ -45,7 +59,8 @@ def get_config(arg: str | None = None):
         data="/tmp/regionclip_jax/shapesworld",
         steps=400,
         batch=16,
-        lr=0.01,
+        lr=0.002,
+        zeroshot=False,
     )
     c = common.training_config("detect")
     rpn_module = common.load_config_module("rpn_shapesworld")
@@ -71,6 +86,12 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 20
     c.optim.decay_steps = (int(a.steps * 0.8),)
     c.optim.clip_grad_norm = 5.0
+    if a.zeroshot:  # no fine-tuning: the pretrained model on RPN proposals (spec §6.2)
+        t.eval_only = True
+        t.train_classes = "all"
+        t.apply_deltas = False  # NO_BOX_DELTA
+        t.soft_nms = False
+        t.nms_thresh = 0.5
     if a.runlocal:
         rpn_module._shapesworld_runlocal(c, common, a)
         t.rpn_init = "random"
