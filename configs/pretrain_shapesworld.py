@@ -16,7 +16,8 @@ Variants (`--config=configs/pretrain_shapesworld.py:ARGS`, comma separated):
 Data: scenes of 2-4 objects on a 128 x 128 canvas, objects as large in pixels as in the
 teacher's 64 x 64 iconic images, captions as generated (several objects, colours, sizes).
 Regions: "gt" boxes, i.e. an oracle class-agnostic RPN (the labels are never read; the teacher's
-pseudo-labels are the only supervision); ShapesWorld has no trained RPN yet (detection issue).
+pseudo-labels are the only supervision); the demo's ShapesWorld RPN (configs/rpn_shapesworld.py)
+is trained after pretraining, from the teacher.
 Concept pool: the nouns of the training captions with count >= 100 (the paper's rule).
 
 Optimiser: the original's (SGD momentum 0.9, weight decay 1e-4, linear warmup, steps x0.1,

@@ -228,7 +228,7 @@ def test_detect_gt_mode_and_proposal_error(model, setup):
         assert np.abs(np.array(BOXES, np.float32) - b).sum(-1).min() < 1e-3
     d = dets.to_dict()
     assert set(d) == {"classes", "detections"} and d["classes"] == WORDS
-    with pytest.raises(ValueError, match="issue 8"):
+    with pytest.raises(ValueError, match="needs an offline RPN"):
         model.detect(tmp / "img.png", WORDS)
 
 

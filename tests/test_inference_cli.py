@@ -103,7 +103,7 @@ def test_classify_many_images_with_vis(env, capsys):
         ({"--boxes": "outside.json"}, "outside the 120x90"),
         ({"--boxes": "degenerate.json"}, "degenerate"),
         ({"--vocabulary": " , "}, "vocabulary is empty"),
-        ({"--boxes": None}, "issue 8"),
+        ({"--boxes": None}, "needs an offline RPN"),
     ],
 )
 def test_classify_bad_input_exits_2(env, capsys, change, message):

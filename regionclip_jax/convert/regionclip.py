@@ -7,7 +7,7 @@ A RegionCLIP `.pth` is `{'model': state_dict, ...}` (spec §7.2). Its keys, by p
   roi_heads.box_predictor.*  cls_score / test_cls_score / cls_bg_score / bbox_pred -> `heads`
   teacher_backbone.*         pretraining's frozen teacher (CLIP visual names) -> `teacher`
   offline_backbone.*, offline_proposal_generator.*   the offline RPN: reported, not loaded
-                             (the RPN arrives with issue 8)
+                             (load it with convert.detectron2_rpn.load_detectron2_rpn)
   roi_heads.mask_head.*      LVIS mask head: reported, not loaded
 
 `logit_scale` is not in RegionCLIP files (its classifier uses a fixed temperature 0.01); the CLIP

@@ -10,7 +10,8 @@ last column, softmax over K + 1. Class embeddings: 81-template prompt ensemble o
 text tower, cached on disk (`vocabulary.EmbeddingCache`). Detection in GT / user-box mode (spec
 §6.1): no box deltas, boxes clipped to the image, background column dropped, (box, class) pairs
 above `score_thresh` kept, per-class NMS (IoU `nms_thresh`), top `max_detections`, boxes in
-original image pixels. Proposal mode (no boxes) needs the offline RPN, which arrives with issue 8.
+original image pixels. Proposal mode (no boxes) needs an offline RPN, which the recognizer does not
+run yet (models.rpn has one; `regionclip_jax.main` mode `detect` uses it).
 
 Execution: one jitted program per (batch, canvas, box bucket): boxes are padded to a power of two
 (`preprocess.bucket_size`) and canvases come in two orientation buckets, so a folder of images
@@ -46,8 +47,8 @@ from regionclip_jax.models.region import RegionEncoder
 from regionclip_jax.text.templates import TEMPLATES
 
 PROPOSAL_MODE_ERROR = (
-    "detection without boxes (proposal mode) needs the offline RPN, which is not implemented yet "
-    "(issue 8); pass boxes (ground-truth or your own, xyxy pixels of the original image)"
+    "detection without boxes (proposal mode) needs an offline RPN, which the recognizer does not "
+    "run yet (mode `detect` of regionclip_jax.main does); pass boxes (ground-truth or your own, xyxy pixels of the original image)"
 )
 
 
@@ -396,7 +397,7 @@ class RegionCLIP:
         NMS 0.5, 100 detections; LVIS uses 0.0001 and 300).
 
         Raises:
-          ValueError: `boxes` is None (proposal mode needs the RPN, issue 8), or bad inputs.
+          ValueError: `boxes` is None (proposal mode needs an RPN, not wired here), or bad inputs.
         """
         if boxes is None:
             raise ValueError(PROPOSAL_MODE_ERROR)

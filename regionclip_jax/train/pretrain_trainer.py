@@ -8,7 +8,7 @@ One step, for a batch of images `[B, Hc, Wc, 3]` with captions:
                     "RANDOM" region ablation; our own box distribution, see `random_boxes`);
        "gt":        the ground-truth boxes of the shards (an oracle RPN: locations only, the
                     labels are never read), for ShapesWorld and ablations;
-       "rpn":       an RPN run in the loop; arrives with the detection issue (fails clearly now);
+       "rpn":       an RPN run inside the step; not wired yet (fails clearly; models.rpn exists);
      plus the global box of each image (`[0, 0, w, h]`, true image size; the original uses the
      padded batch size, which our static canvas would inflate with padding).
   2. the student (trunk -> RoIAlign -> res5 -> attnpool, `models.region.RegionEncoder`) embeds
@@ -329,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     clip_trainer.prepare_shapesworld(config)
     if config.pretrain.regions == "rpn":
         raise NotImplementedError(
-            "config.pretrain.regions='rpn' (an RPN in the loop) comes with the detection issue; "
+            "config.pretrain.regions='rpn' (an RPN inside the pretraining step) is not wired yet; "
             "use 'proposals' (precomputed into the shards), 'random' or 'gt'"
         )
     config.optim.freeze = tuple(config.optim.freeze) + frozen_patterns(
