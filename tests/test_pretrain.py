@@ -249,7 +249,7 @@ def test_bad_pretrain_config_fails_naming_the_key(sw_dir, key, value, match):
         validate(cfg, num_devices=1)
 
 
-def test_rpn_regions_fail_clearly_until_the_detection_issue(sw_dir, tmp_path):
+def test_rpn_regions_fail_clearly_until_wired(sw_dir, tmp_path):
     cfg = tiny_pretrain_config(sw_dir, **{"pretrain.regions": "rpn"})
-    with pytest.raises(NotImplementedError, match="detection issue"):
+    with pytest.raises(NotImplementedError, match="not wired yet"):
         pretrain_trainer.run(cfg, str(tmp_path / "rpn"))

@@ -258,3 +258,34 @@ def record_image_ids(source: Any, val_json: str) -> np.ndarray:
         if rid is not None:
             out[i] = lookup.get(rid, -1)
     return out
+
+
+def training_dataset(
+    config: ml_collections.ConfigDict,
+    category_map: Mapping[int, int],
+    shard_index: int,
+    shard_count: int,
+    *,
+    repeat_threshold: float | None = None,
+):
+    """This process's uint8 training batches (`make_detection_dataset`) under `config`'s
+    data / detect settings: multi-scale `detect.train_sizes`, flips, `category_map` labels."""
+    from regionclip_jax.data.detection_pipeline import make_detection_dataset
+
+    d, t = config.data, config.detect
+    return make_detection_dataset(
+        d.train,
+        batch_size=int(d.batch_size) // shard_count,
+        canvas=tuple(int(x) for x in d.canvas),
+        train_sizes=tuple(int(x) for x in t.train_sizes),
+        max_size=int(d.max_size) or None,
+        max_boxes=int(t.max_boxes),
+        category_map=category_map,
+        repeat_threshold=repeat_threshold,
+        seed=int(config.seed),
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_workers=int(d.num_workers),
+        flip=bool(d.flip),
+        normalize=False,
+    )

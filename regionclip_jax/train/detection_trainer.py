@@ -133,23 +133,13 @@ class DetectionTask:
     # -- loop.Task -----------------------------------------------------------------------------
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
-        d = self.config.data
         threshold = float(self.t.repeat_threshold)
-        return make_detection_dataset(
-            d.train if isinstance(d.train, str) else list(d.train),
-            batch_size=int(d.batch_size) // shard_count,
-            canvas=self.canvas,
-            train_sizes=tuple(int(x) for x in self.t.train_sizes),
-            max_size=int(d.max_size) or None,
-            max_boxes=int(self.t.max_boxes),
-            category_map=self.data.train_category_map(),
+        return detection_data.training_dataset(
+            self.config,
+            self.data.train_category_map(),
+            shard_index,
+            shard_count,
             repeat_threshold=threshold if threshold > 0 else None,
-            seed=int(self.config.seed),
-            shard_index=shard_index,
-            shard_count=shard_count,
-            num_workers=int(d.num_workers),
-            flip=bool(d.flip),
-            normalize=False,
         )
 
     def batch_spec(self, global_batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:

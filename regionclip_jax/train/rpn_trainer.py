@@ -240,21 +240,8 @@ class RPNTask:
         return RPNModel(build_rpn(self.spec, rngs))
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
-        d, t = self.config.data, self.config.detect
-        return make_detection_dataset(
-            d.train,
-            batch_size=int(d.batch_size) // shard_count,
-            canvas=self.canvas,
-            train_sizes=tuple(int(x) for x in t.train_sizes),
-            max_size=int(d.max_size) or None,
-            max_boxes=int(t.max_boxes),
-            category_map=self.category_map,
-            seed=int(self.config.seed),
-            shard_index=shard_index,
-            shard_count=shard_count,
-            num_workers=int(d.num_workers),
-            flip=bool(d.flip),
-            normalize=False,
+        return detection_data.training_dataset(
+            self.config, self.category_map, shard_index, shard_count
         )
 
     def batch_spec(self, global_batch: int):
