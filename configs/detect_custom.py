@@ -67,10 +67,8 @@ def get_config(arg: str | None = None):
             t.image_root = a.images
             t.val_image_root = a.images if not a.val else ""
             t.rpn_pre_nms_topk = 1000  # an FPN RPN: per level
-            scale = c.total_steps / 90_000
             c.total_steps = int(a.steps * 16 / c.data.batch_size)
             c.optim.warmup_steps = min(c.optim.warmup_steps, c.total_steps // 10)
             c.optim.decay_steps = (c.total_steps * 2 // 3, c.total_steps * 8 // 9)
-            del scale
             c.checkpoint_every = max(c.total_steps // 10, 1)
     return c

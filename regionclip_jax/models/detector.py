@@ -245,15 +245,7 @@ class OVDFastRCNN(RegionEncoder):
         """
         if not self.is_resnet:
             return self.feature_map(images)
-        v = self.visual
-        x = v.stem(images)
-        if freeze_at >= 1:
-            x = jax.lax.stop_gradient(x)
-        for i, stage in enumerate((v.layer1, v.layer2, v.layer3), start=2):
-            x = v._stage(stage, x)
-            if freeze_at >= i:
-                x = jax.lax.stop_gradient(x)
-        return x
+        return self.visual.trunk(images, freeze_at)
 
     def _pool_with_res5(
         self, feature_map: jax.Array, boxes: jax.Array, num_mask: int

@@ -227,18 +227,26 @@ class ModifiedResNet(nnx.Module):
         res5 = self._stage(self.layer4, res4)
         return dict(res2=res2, res3=res3, res4=res4, res5=res5)
 
-    def trunk(self, x: jax.Array) -> jax.Array:
+    def trunk(self, x: jax.Array, freeze_at: int = 0) -> jax.Array:
         """Stem + layer1..layer3 (RegionCLIP's C4 backbone).
 
         Args:
           x: `[N, H, W, 3]` images.
+          freeze_at: detectron2 FREEZE_AT: no gradient flows into the stem (>= 1) and into
+            layer1..layer(freeze_at - 1) (RegionCLIP: 2), which also skips their backward pass.
+            The optimizer must still exclude their parameters (weight decay would move them).
 
         Returns:
           res4 `[N, H/16, W/16, 16w]` (1024 channels for RN50), stride 16.
         """
-        x = self._stage(self.layer1, self.stem(x))
-        x = self._stage(self.layer2, x)
-        return self._stage(self.layer3, x)
+        x = self.stem(x)
+        if freeze_at >= 1:
+            x = jax.lax.stop_gradient(x)
+        for i, stage in enumerate((self.layer1, self.layer2, self.layer3), start=2):
+            x = self._stage(stage, x)
+            if freeze_at >= i:
+                x = jax.lax.stop_gradient(x)
+        return x
 
     def res5(self, x: jax.Array) -> jax.Array:
         """layer4 alone (RegionCLIP's res5 RoI head).

@@ -386,9 +386,8 @@ def _validate_detect(config: ml_collections.ConfigDict) -> None:
         _fail("detect.rpn_init", "proposals='rpn' needs an RPN: an `rpn` workdir or a .pth")
     if t.proposals == "gt" and not t.eval_only:
         _fail("detect.proposals", "'gt' proposals are for zero-shot evaluation (eval_only)")
-    for key in ("train_classes",):
-        if t[key] not in ("base", "all"):
-            _fail(f"detect.{key}", f"must be 'base' or 'all', got {t[key]!r}")
+    if t.train_classes not in ("base", "all"):
+        _fail("detect.train_classes", f"must be 'base' or 'all', got {t.train_classes!r}")
     if config.rpn.train_classes not in ("base", "all"):
         _fail("rpn.train_classes", f"must be 'base' or 'all', got {config.rpn.train_classes!r}")
     if t.templates not in ("ensemble", "single"):

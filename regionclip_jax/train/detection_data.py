@@ -129,7 +129,9 @@ def _convert(
     )
     stamp_file = os.path.join(out_dir, "source.txt")
     if os.path.exists(manifest) and os.path.exists(stamp_file):
-        if open(stamp_file).read() == stamp:
+        with open(stamp_file) as f:
+            same = f.read() == stamp
+        if same:
             return
         raise AnnotationError(
             f"{out_dir} holds shards of a different version of {json_path}: delete it to "
@@ -289,3 +291,49 @@ def training_dataset(
         flip=bool(d.flip),
         normalize=False,
     )
+
+
+def evaluation_dataset(
+    config: ml_collections.ConfigDict,
+    source: Any,
+    category_map: Mapping[int, int],
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+):
+    """One ordered epoch of uint8 evaluation batches of `detect.eval_batch_size` at
+    `detect.test_size`, no flips; the last batch may be short (see `pad_batch`)."""
+    from regionclip_jax.data.detection_pipeline import make_detection_dataset
+
+    d, t = config.data, config.detect
+    return make_detection_dataset(
+        source=source,
+        batch_size=int(t.eval_batch_size),
+        canvas=tuple(int(x) for x in d.canvas),
+        train_sizes=(int(t.test_size),),
+        max_size=int(d.max_size) or None,
+        max_boxes=int(t.max_boxes),
+        category_map=category_map,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        flip=False,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+        normalize=False,
+    )
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
+    """`batch` zero-padded to `size` examples (one compiled shape for a short last batch);
+    returns it and the number of real examples."""
+    n = len(batch["image_hw"])
+    if n == size:
+        return dict(batch), n
+    out = {}
+    for k, v in batch.items():
+        pad = np.zeros((size - n,) + v.shape[1:], v.dtype)
+        if k == "image_hw":
+            pad[:] = 32  # any valid size: padded examples are discarded
+        out[k] = np.concatenate([v, pad])
+    return out, n

@@ -40,13 +40,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from regionclip_jax import parallel
 from regionclip_jax.data import transforms as T
-from regionclip_jax.data.detection_pipeline import detection_batch_spec, make_detection_dataset
-from regionclip_jax.train import config_validation, detection_data
+from regionclip_jax.data.detection_pipeline import detection_batch_spec
+from regionclip_jax.train import clip_trainer, config_validation, detection_data, optim
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import state as state_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 _CLIP_MEAN = jnp.asarray(T.CLIP_MEAN)
 _CLIP_STD = jnp.asarray(T.CLIP_STD)
@@ -66,16 +65,11 @@ def frozen_patterns(freeze_at: int) -> tuple[str, ...]:
     """Parameters the detection fine-tuning never updates, as regexes over '/'-joined paths."""
     # detectron2's FrozenBN keeps scale/bias as buffers: the original never trains them, in any
     # stage (ours are parameters so that from-scratch ShapesWorld CLIPs can learn them).
-    out = [
+    return (
         r"^rpn/",
         r"^detector/(train|test)_embeddings",
         r"^detector/visual/.*/(bn\d|downsample/1)/",
-    ]
-    if freeze_at >= 1:
-        out.append(r"^detector/visual/(conv[123]|bn[123])/")
-    for i in range(1, min(freeze_at, 5)):
-        out.append(rf"^detector/visual/layer{i}/")
-    return tuple(out)
+    ) + optim.resnet_freeze_patterns("detector/visual", freeze_at)
 
 
 class DetectionModel(nnx.Module):
@@ -96,7 +90,7 @@ class DetectionTask:
         self.t = config.detect
         self.data = data
         self.clip_config = config_validation.clip_config(config)
-        self.dtype = DTYPES[config.model.dtype]
+        self.dtype = clip_trainer.DTYPES[config.model.dtype]
         self.canvas = tuple(int(x) for x in config.data.canvas)
         self.rpn_spec = (
             rpn_trainer.rpn_spec_from_init(str(self.t.rpn_init), config)
@@ -205,14 +199,12 @@ class DetectionTask:
             self.init_weights["rpn"] = rpn_trainer.load_rpn_weights(self.rpn_spec)
 
     def initialize(self, graphdef: Any, state: dict[str, Any]) -> dict[str, Any]:
-        from regionclip_jax.train.pretrain_trainer import _like
-
         params, rest = state["params"], state["rest"]
         if "visual" in self.init_weights:
             vp, vr = self.init_weights["visual"]
             where = str(self.config.model.init)
-            params["detector"]["visual"] = _like(params["detector"]["visual"], vp, where)
-            rest["detector"]["visual"] = _like(rest["detector"]["visual"], vr, where)
+            params["detector"]["visual"] = state_lib.like(params["detector"]["visual"], vp, where)
+            rest["detector"]["visual"] = state_lib.like(rest["detector"]["visual"], vr, where)
         for key in ("train_embeddings", "test_embeddings"):
             emb = self.init_weights[key]
             have = rest["detector"][key].shape
@@ -224,8 +216,8 @@ class DetectionTask:
             rest["detector"][key] = jnp.asarray(emb, jnp.float32)
         if "rpn" in self.init_weights:
             rp, rr = self.init_weights["rpn"]
-            params["rpn"] = _like(params["rpn"], rp, str(self.t.rpn_init))
-            rest["rpn"] = _like(rest["rpn"], rr, str(self.t.rpn_init))
+            params["rpn"] = state_lib.like(params["rpn"], rp, str(self.t.rpn_init))
+            rest["rpn"] = state_lib.like(rest["rpn"], rr, str(self.t.rpn_init))
         return dict(state, params=params, rest=rest)
 
 
@@ -265,17 +257,12 @@ def class_embeddings(
 # Evaluation.
 
 
-def _pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
-    n = len(batch["image_hw"])
-    if n == size:
-        return batch, n
-    out = {}
-    for k, v in batch.items():
-        pad = np.zeros((size - n,) + v.shape[1:], v.dtype)
-        if k == "image_hw":
-            pad[:] = 32  # any valid size: padded images are discarded
-        out[k] = np.concatenate([v, pad])
-    return out, n
+def whole_on_one_device(state: dict[str, Any]) -> dict[str, Any]:
+    """params + rest of a (possibly sharded) train state, whole on the first local device, once
+    (a jitted evaluation fed host arrays would copy them at every call)."""
+
+    whole = parallel.gather_to_host({"params": state["params"], "rest": state["rest"]})
+    return jax.device_put(whole, jax.local_devices()[0])
 
 
 def make_predict_fn(task: DetectionTask, graphdef: Any):
@@ -327,7 +314,6 @@ def evaluate(
     Runs on this process's local devices (the state is gathered to the host once); every
     process takes a disjoint slice of the images and streams its detections to `out_dir`.
     """
-    from regionclip_jax import parallel
     from regionclip_jax.data.pipeline import ShardSource
     from regionclip_jax.data.shards import open_shards
     from regionclip_jax.eval.postprocess import rescale_to_original
@@ -335,31 +321,18 @@ def evaluate(
     from regionclip_jax.ops.boxes import nonempty
 
     t, data = task.t, task.data
-    # Whole, on one local device, once (the jitted predict would copy host arrays every call).
-    host = jax.device_put(
-        parallel.gather_to_host({"params": state["params"], "rest": state["rest"]}),
-        jax.local_devices()[0],
-    )
+    host = whole_on_one_device(state)
     predict = make_predict_fn(task, graphdef)
     source = ShardSource(open_shards(data.val))
     image_ids = detection_data.record_image_ids(source, data.val_json)
     bs = int(t.eval_batch_size)
     limit = int(t.max_eval_images)
-    ds = make_detection_dataset(
-        source=source,
-        batch_size=bs,
-        canvas=task.canvas,
-        train_sizes=(int(t.test_size),),
-        max_size=int(task.config.data.max_size) or None,
-        max_boxes=int(t.max_boxes),
-        category_map=data.test_category_map(),
+    ds = detection_data.evaluation_dataset(
+        task.config,
+        source,
+        data.test_category_map(),
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
-        flip=False,
-        shuffle=False,
-        num_epochs=1,
-        drop_remainder=False,
-        normalize=False,
     )
     test_ids = np.asarray(data.test_ids, np.int64)
     os.makedirs(out_dir, exist_ok=True)
@@ -371,7 +344,7 @@ def evaluate(
         for batch in ds:
             if limit and seen >= limit:
                 break
-            padded, n = _pad_batch({k: batch[k] for k in keys}, bs)
+            padded, n = detection_data.pad_batch({k: batch[k] for k in keys}, bs)
             out = jax.device_get(predict(host["params"], host["rest"], padded))
             boxes = rescale_to_original(out["boxes"][:n], batch["scale"][:n], batch["orig_hw"][:n])
             cls = np.asarray(out["classes"][:n])
@@ -436,7 +409,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     )
     if config.detect.eval_only:
         task.load_init_weights()
-        with jax.set_mesh(jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))):
+        with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
             graphdef, params, rest = state_lib.split_model(task.build_model(nnx.Rngs(0)))
             state = task.initialize(graphdef, {"params": params, "rest": rest})
         metrics = evaluate(task, graphdef, state, os.path.join(workdir, "eval"))

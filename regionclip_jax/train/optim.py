@@ -108,6 +108,13 @@ def clip_by_norm_per_param(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def resnet_freeze_patterns(prefix: str, freeze_at: int) -> tuple[str, ...]:
+    """Regexes of a ModifiedResNet's stages that detectron2's FREEZE_AT freezes: the stem
+    (freeze_at >= 1) and layer1..layer(freeze_at - 1), for the tower at path `prefix`."""
+    out = [rf"^{prefix}/(conv[123]|bn[123])/"] if freeze_at >= 1 else []
+    return tuple(out + [rf"^{prefix}/layer{i}/" for i in range(1, min(freeze_at, 5))])
+
+
 def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
     """Tree of bools like `params`: True where a freeze regex matches the parameter's path."""
     compiled = [re.compile(p) for p in patterns]

@@ -45,8 +45,7 @@ from regionclip_jax.data.pipeline import pretrain_batch_spec
 from regionclip_jax.losses.pretrain import pretrain_losses
 from regionclip_jax.models.clip import CLIP, build_visual
 from regionclip_jax.models.region import RegionEncoder, box_mask, global_boxes
-from regionclip_jax.models.resnet import ModifiedResNet
-from regionclip_jax.train import clip_trainer, config_validation
+from regionclip_jax.train import clip_trainer, config_validation, optim
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import state as state_lib
 
@@ -58,17 +57,11 @@ ALWAYS_FROZEN = (
     r"^student/(token_embedding|positional_embedding|transformer|ln_final|text_projection)",
     r"^student/logit_scale",
 )
-STEM = r"^student/visual/(conv[123]|bn[123])/"
 
 
 def frozen_patterns(freeze_at: int) -> tuple[str, ...]:
     """ALWAYS_FROZEN plus the student's stem (freeze_at >= 1) and layer1..layer(freeze_at-1)."""
-    out = list(ALWAYS_FROZEN)
-    if freeze_at >= 1:
-        out.append(STEM)
-    for i in range(1, min(freeze_at, 5)):
-        out.append(rf"^student/visual/layer{i}/")
-    return tuple(out)
+    return ALWAYS_FROZEN + optim.resnet_freeze_patterns("student/visual", freeze_at)
 
 
 class Buffer(nnx.Variable):
@@ -91,19 +84,6 @@ class PretrainModel(nnx.Module):
         shape = (num_concepts, clip_config.embed_dim)
         self.concept_emb = Buffer(jnp.zeros(shape, jnp.float32))
         self.teacher_concept_emb = Buffer(jnp.zeros(shape, jnp.float32))
-
-
-def student_trunk(visual: ModifiedResNet, images: jax.Array, freeze_at: int) -> jax.Array:
-    """res4 of the student with no gradient into the frozen stages (saves their backward)."""
-    x = visual.stem(images)
-    if freeze_at >= 1:
-        x = jax.lax.stop_gradient(x)
-    for i, stage in enumerate((visual.layer1, visual.layer2, visual.layer3), start=2):
-        for block in stage:
-            x = block(x)
-        if freeze_at >= i:
-            x = jax.lax.stop_gradient(x)
-    return x
 
 
 def random_boxes(
@@ -223,7 +203,7 @@ class PretrainTask:
         )
         teacher = RegionEncoder(model.teacher, pooler_resolution=self.p.pooler_resolution or None)
         all_boxes = jnp.concatenate([boxes, global_boxes(batch["image_hw"])], axis=1)
-        feats = student.pool(student_trunk(model.student.visual, images, self.freeze_at), all_boxes)
+        feats = student.pool(model.student.visual.trunk(images, self.freeze_at), all_boxes)
         s_regions, s_global = feats[:, :-1], feats[:, -1]
         t_regions = jax.lax.stop_gradient(teacher(images, boxes))
         text = jax.lax.stop_gradient(model.student.encode_text(batch["tokens"]))
@@ -270,31 +250,18 @@ class PretrainTask:
         if self.init_weights is not None:
             clip_params, clip_rest = self.init_weights
             where = str(self.config.model.init)
-            params["student"] = _like(params["student"], clip_params, where)
-            rest["student"] = _like(rest["student"], clip_rest, where)
-        params["teacher"] = _like(params["teacher"], params["student"]["visual"], "student")
-        rest["teacher"] = _like(rest["teacher"], rest["student"]["visual"], "student")
+            params["student"] = state_lib.like(params["student"], clip_params, where)
+            rest["student"] = state_lib.like(rest["student"], clip_rest, where)
+        params["teacher"] = state_lib.like(
+            params["teacher"], params["student"]["visual"], "student"
+        )
+        rest["teacher"] = state_lib.like(rest["teacher"], rest["student"]["visual"], "student")
         model = state_lib.merge(graphdef, params, rest)
         emb = concept_embeddings(model.student, self.concepts, self.config.pretrain.templates)
         rest["concept_emb"] = jnp.array(emb, jnp.float32)
         rest["teacher_concept_emb"] = jnp.array(emb, jnp.float32)
         print(f"concept pool: {len(self.concepts)} concepts ({', '.join(self.concepts[:8])}...)")
         return dict(state, params=params, rest=rest)
-
-
-def _like(target: Any, source: Any, where: str) -> Any:
-    """`source` with `target`'s tree structure, checking every shape."""
-    t_leaves, t_def = jax.tree.flatten(target)
-    s_leaves, s_def = jax.tree.flatten(source)
-    if t_def != s_def:
-        raise ValueError(f"checkpoint {where} does not have the model's parameter tree")
-    for a, b in zip(t_leaves, s_leaves):
-        if a.shape != b.shape:
-            raise ValueError(f"checkpoint {where}: shape {b.shape} where the model has {a.shape}")
-    # Copies: the step donates its state, and one buffer may not be donated twice.
-    return jax.tree.unflatten(
-        t_def, [jnp.array(b, dtype=a.dtype, copy=True) for a, b in zip(t_leaves, s_leaves)]
-    )
 
 
 def concept_embeddings(clip: CLIP, names: list[str], templates: str) -> np.ndarray:

@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from regionclip_jax.data.detection_pipeline import detection_batch_spec, make_detection_dataset
-from regionclip_jax.train import config_validation, detection_data
+from regionclip_jax.data.detection_pipeline import detection_batch_spec
+from regionclip_jax.train import config_validation, detection_data, optim
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import state as state_lib
 
@@ -109,9 +109,7 @@ class ClipRPN(nnx.Module):
         self.freeze_at = int(spec.get("freeze_at", 2))
         self.rpn = RPN(
             kind="features",
-            in_channels=self.visual.layer3_channels
-            if hasattr(self.visual, "layer3_channels")
-            else clip_config.vision_width * 16,
+            in_channels=clip_config.vision_width * 16,  # res4 of a ModifiedResNet
             strides=(16,),
             anchor_sizes=tuple(spec["anchor_sizes"]),
             aspect_ratios=tuple(spec["aspect_ratios"]),
@@ -123,10 +121,8 @@ class ClipRPN(nnx.Module):
 
     def features(self, images: jax.Array, image_hw: jax.Array) -> list[jax.Array]:
         from regionclip_jax.train.detection_trainer import clip_normalize
-        from regionclip_jax.train.pretrain_trainer import student_trunk
 
-        x = clip_normalize(images, image_hw)
-        return [student_trunk(self.visual, x, self.freeze_at)]
+        return [self.visual.trunk(clip_normalize(images, image_hw), self.freeze_at)]
 
     def __call__(self, images: jax.Array, image_hw: jax.Array):
         return self.rpn.from_features(self.features(images, image_hw), image_hw)
@@ -276,34 +272,28 @@ class RPNTask:
             self.init_weights = load_rpn_weights(dict(self.spec, weights=self.spec["init"]))
 
     def initialize(self, graphdef: Any, state: dict[str, Any]) -> dict[str, Any]:
-        from regionclip_jax.train.pretrain_trainer import _like
-
         if self.init_weights is None:
             return state
         params, rest = state["params"], state["rest"]
         p, r = self.init_weights
         if self.spec["kind"] == "clip":
             where = str(self.config.model.init)
-            params["rpn"]["visual"] = _like(params["rpn"]["visual"], p, where)
-            rest["rpn"]["visual"] = _like(rest["rpn"]["visual"], r, where)
+            params["rpn"]["visual"] = state_lib.like(params["rpn"]["visual"], p, where)
+            rest["rpn"]["visual"] = state_lib.like(rest["rpn"]["visual"], r, where)
         else:
-            params["rpn"] = _like(params["rpn"], p, self.spec["init"])
-            rest["rpn"] = _like(rest["rpn"], r, self.spec["init"])
+            params["rpn"] = state_lib.like(params["rpn"], p, self.spec["init"])
+            rest["rpn"] = state_lib.like(rest["rpn"], r, self.spec["init"])
         return dict(state, params=params, rest=rest)
 
 
 def frozen_patterns(kind: str, freeze_at: int) -> tuple[str, ...]:
-    if kind == "clip":
-        out = [r"^rpn/visual/(attnpool|layer4)/"]  # unused by the RPN (res4 only)
-        if freeze_at >= 1:
-            out.append(r"^rpn/visual/(conv[123]|bn[123])/")
-        out += [rf"^rpn/visual/layer{i}/" for i in range(1, min(freeze_at, 5))]
-        return tuple(out)
-    out = []
-    if freeze_at >= 1:
-        out.append(r"^rpn/backbone/stem/")
-    out += [rf"^rpn/backbone/res{i + 1}/" for i in range(1, min(freeze_at, 5))]
-    return tuple(out)
+    """FREEZE_AT of the RPN's backbone (CLIP tower or detectron2 ResNet), as path regexes."""
+    if kind == "clip":  # layer4 and attnpool are unused by the RPN (res4 only)
+        return (r"^rpn/visual/(attnpool|layer4)/",) + optim.resnet_freeze_patterns(
+            "rpn/visual", freeze_at
+        )
+    out = [r"^rpn/backbone/stem/"] if freeze_at >= 1 else []
+    return tuple(out + [rf"^rpn/backbone/res{i + 1}/" for i in range(1, min(freeze_at, 5))])
 
 
 def proposal_recall(
@@ -311,13 +301,13 @@ def proposal_recall(
 ) -> dict[str, float]:
     """Recall of the top-`top_n` proposals at IoU >= `iou` on the evaluation set, per split."""
     from regionclip_jax import parallel
+    from regionclip_jax.data.pipeline import ShardSource
+    from regionclip_jax.data.shards import open_shards
     from regionclip_jax.ops.boxes import pairwise_iou
+    from regionclip_jax.train.detection_trainer import whole_on_one_device
 
-    data, t = task.data, task.config.detect
-    host = jax.device_put(
-        parallel.gather_to_host({"params": state["params"], "rest": state["rest"]}),
-        jax.local_devices()[0],
-    )
+    data = task.data
+    host = whole_on_one_device(state)
     splits = data.splits()
     test_ids = data.test_ids
 
@@ -329,29 +319,26 @@ def proposal_recall(
         ious = jax.vmap(pairwise_iou)(gt, boxes)  # [B, G, P]
         return jnp.max(jnp.where(valid[:, None, :], ious, 0.0), axis=-1)
 
-    ds = make_detection_dataset(
-        data.val,
-        batch_size=int(t.eval_batch_size),
-        canvas=task.canvas,
-        train_sizes=(int(t.test_size),),
-        max_size=int(task.config.data.max_size) or None,
-        max_boxes=int(t.max_boxes),
-        category_map=data.test_category_map(),
-        flip=False,
-        shuffle=False,
-        num_epochs=1,
-        drop_remainder=True,
-        normalize=False,
+    ds = detection_data.evaluation_dataset(
+        task.config, ShardSource(open_shards(data.val)), data.test_category_map()
     )
+    size = int(task.config.detect.eval_batch_size)
     hits = {"base": [0, 0], "novel": [0, 0]}
     with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
         for batch in ds:
+            padded, n = detection_data.pad_batch(
+                {k: batch[k] for k in ("images", "image_hw", "boxes")}, size
+            )
             best = np.asarray(
                 best_iou(
-                    host["params"], host["rest"], batch["images"], batch["image_hw"], batch["boxes"]
+                    host["params"],
+                    host["rest"],
+                    padded["images"],
+                    padded["image_hw"],
+                    padded["boxes"],
                 )
             )
-            for b in range(best.shape[0]):
+            for b in range(n):  # every image, the short last batch included
                 for g in np.flatnonzero(batch["box_mask"][b]):
                     side = splits[test_ids[int(batch["labels"][b, g])]]
                     hits[side][0] += int(best[b, g] >= iou)

@@ -140,3 +140,18 @@ def init_train_state(
         }
 
     return jax.jit(init, out_shardings=shardings)()
+
+
+def like(target: Any, source: Any, where: str) -> Any:
+    """`source` (host arrays) with `target`'s tree structure, checking every shape."""
+    t_leaves, t_def = jax.tree.flatten(target)
+    s_leaves, s_def = jax.tree.flatten(source)
+    if t_def != s_def:
+        raise ValueError(f"checkpoint {where} does not have the model's parameter tree")
+    for a, b in zip(t_leaves, s_leaves):
+        if a.shape != b.shape:
+            raise ValueError(f"checkpoint {where}: shape {b.shape} where the model has {a.shape}")
+    # Copies: the step donates its state, and one buffer may not be donated twice.
+    return jax.tree.unflatten(
+        t_def, [jnp.array(b, dtype=a.dtype, copy=True) for a, b in zip(t_leaves, s_leaves)]
+    )
