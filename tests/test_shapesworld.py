@@ -197,6 +197,37 @@ def test_base_novel_split_is_disjoint_and_covering(dataset):
     assert sorted(summary["base_categories"] + summary["novel_categories"]) == sorted(sw.SHAPES)
 
 
+def test_train_novel_weight_thins_novel_shapes_in_train_only():
+    # 7 base + 3 novel shapes at weight w: the novel share of drawn objects is 3w / (7 + 3w).
+    uniform = sw.ShapesWorldConfig(image_size=64)
+    rare = sw.ShapesWorldConfig(image_size=64, train_novel_weight=7 / 18)  # 1 object in 7
+
+    def novel_share(config, split, n=400):
+        shapes = [
+            o.shape
+            for i in range(n)
+            for o in sw.render_scene(i, split=split, config=config).objects
+        ]
+        return np.mean([s in sw.NOVEL_SHAPES for s in shapes]), len(shapes)
+
+    share, count = novel_share(rare, "train")
+    # Binomial standard error at p = 1/7 over ~1,400 objects is ~0.009: 4 sigma either side.
+    assert abs(share - 1 / 7) < 4 * np.sqrt((1 / 7) * (6 / 7) / count), share
+    share, count = novel_share(uniform, "train")
+    assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / count), share
+    # Held-out scenes do not depend on the weight: the same images, pixel for pixel.
+    for i in range(20):
+        a = sw.render_scene(i, split="val", config=rare)
+        b = sw.render_scene(i, split="val", config=uniform)
+        np.testing.assert_array_equal(a.image, b.image)
+        assert a.captions == b.captions
+    # Weight 0: a training set without a single novel object.
+    none = sw.ShapesWorldConfig(image_size=64, train_novel_weight=0.0)
+    assert novel_share(none, "train", 100)[0] == 0.0
+    with pytest.raises(ValueError, match="train_novel_weight"):
+        sw.ShapesWorldConfig(train_novel_weight=-1.0)
+
+
 def test_coco_json_loads_in_pycocotools_and_matches_the_shards(dataset):
     from pycocotools.coco import COCO
 

@@ -34,6 +34,14 @@ def add_shapesworld_arguments(p: argparse.ArgumentParser) -> None:
         default="shape",
         help="detection categories: the 10 shapes, or the 80 shape x colour pairs",
     )
+    p.add_argument(
+        "--train-novel-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="how likely each novel shape is, relative to a base shape, in the train split "
+        "(default 1: all equally likely; e.g. 0.39: novel objects are 1 in 7, as in COCO's OVD split)",
+    )
     p.add_argument("--image-format", choices=("png", "jpeg"), default="png")
     p.add_argument("--records-per-shard", type=int, default=5000, metavar="N")
     p.add_argument(
@@ -84,6 +92,7 @@ def shapesworld_command(args: argparse.Namespace) -> int:
             captions_per_image=args.captions_per_image,
             categories=args.categories,
             image_format=args.image_format,
+            train_novel_weight=args.train_novel_weight,
         )
     print(format_shapesworld_summary(args.out, summary))
     return 0

@@ -230,6 +230,11 @@ class ShapesWorldConfig:
       color_mention, size_mention: probability that a caption's noun phrase names the object's
         colour / size. Captions that name shapes only (0, 0) make an image-level CLIP learn shapes
         rather than colours (the ShapesWorld teacher recipe, configs/pretrain_shapesworld.py).
+      train_novel_weight: how likely each novel shape is, relative to a base shape, in the
+        "train" split only (1: all shapes equally likely). Held-out splits keep every shape
+        equally likely, and their scenes do not depend on this field. Below 1 it makes an
+        open-vocabulary training set in which novel objects are present, unlabelled, but rarer
+        than base ones, as in COCO's (configs/detect_shapesworld.py).
     """
 
     image_size: int = 128
@@ -245,6 +250,7 @@ class ShapesWorldConfig:
     large_size: tuple[float, float] = SIZE_RANGES["large"]
     color_mention: float = 0.75
     size_mention: float = 0.35
+    train_novel_weight: float = 1.0
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -275,9 +281,20 @@ class ShapesWorldConfig:
         for name in ("color_mention", "size_mention"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+        if not self.train_novel_weight >= 0.0:
+            raise ValueError(f"train_novel_weight must be >= 0, got {self.train_novel_weight}")
 
     def size_range(self, size: str) -> tuple[float, float]:
         return tuple(self.small_size if size == "small" else self.large_size)
+
+    def shape_probabilities(self, split: str) -> np.ndarray | None:
+        """float64[len(SHAPES)] sampling probabilities of the shapes in `split`; None: uniform."""
+        if split != "train" or self.train_novel_weight == 1.0:
+            return None
+        weights = np.array(
+            [self.train_novel_weight if s in self.novel_shapes else 1.0 for s in SHAPES]
+        )
+        return weights / weights.sum()
 
 
 def categories(config: ShapesWorldConfig = ShapesWorldConfig()) -> list[dict[str, Any]]:
@@ -523,10 +540,15 @@ def render_scene(
     labels = np.zeros((s, s), np.uint8)
 
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    shape_p = config.shape_probabilities(split)
     drawn: list[dict[str, Any]] = []
     placed: list[np.ndarray] = []
     for _ in range(n):
-        shape = SHAPES[rng.integers(len(SHAPES))]
+        # Uniform draws stay `integers` so that scenes of earlier data sets are reproduced exactly.
+        if shape_p is None:
+            shape = SHAPES[rng.integers(len(SHAPES))]
+        else:
+            shape = SHAPES[rng.choice(len(SHAPES), p=shape_p)]
         color = list(COLORS)[rng.integers(len(COLORS))]
         size = SIZES[rng.integers(len(SIZES))]
         unit, aspect = UNIT_SHAPES[shape]

@@ -63,6 +63,7 @@ def prepare_shapesworld(config: ml_collections.ConfigDict) -> None:
                 color_mention=float(sw.color_mention),
                 size_mention=float(sw.size_mention),
                 max_mentions=int(sw.get("max_mentions", 3)),
+                train_novel_weight=float(sw.get("train_novel_weight", 1.0)),
             )
         # Multi-host: other processes must wait for process 0 (shared file system assumed).
         if jax.process_count() > 1:

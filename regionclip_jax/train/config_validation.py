@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shapesworld.color_mention = 0.75
     c.data.shapesworld.size_mention = 0.35
     c.data.shapesworld.max_mentions = 3  # most objects one caption names
+    c.data.shapesworld.train_novel_weight = 1.0  # novel shapes' weight in the train split
     c.data.batch_size = 32  # global batch (all processes)
     c.data.min_size = 128
     c.data.max_size = 128
