@@ -4,6 +4,8 @@
   regionclip-jax region-features --checkpoint DIR --image IMG --boxes boxes.json --out feats.npy
   regionclip-jax classify --checkpoint DIR --image IMG [IMG ...] --boxes boxes.json \
       --vocabulary words.txt|"cat,dog" --out dets.json [--vis out.png|DIR]
+  regionclip-jax classify --checkpoint DIR --image IMG [IMG ...] --rpn RPN_WORKDIR|rpn.pth \
+      --vocabulary words.txt|"cat,dog" --out dets.json      (proposal mode: offline RPN boxes)
   regionclip-jax convert-regionclip --input regionclip_pretrained-cc_rn50.pth --output DIR \
       --trust-pickle
 
@@ -55,11 +57,21 @@ def _load_model(args):
     from regionclip_jax.inference.recognizer import RegionCLIP
 
     cache = None if args.cache_dir in ("none", "") else args.cache_dir
+    rpn = getattr(args, "rpn", None)
+    rpn_kw = {}
+    if rpn is not None:
+        rpn_kw = dict(
+            rpn_pre_nms_topk=args.rpn_pre_nms_topk,
+            rpn_post_nms_topk=args.rpn_post_nms_topk,
+            rpn_nms_thresh=args.rpn_nms_thresh,
+        )
     return RegionCLIP.from_checkpoint(
         args.checkpoint,
+        rpn=rpn,
         min_size=getattr(args, "min_size", 800),
         max_size=getattr(args, "max_size", 1333),
         cache_dir=cache,
+        **rpn_kw,
     )
 
 
@@ -166,12 +178,31 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     _image_args(p)
     p.add_argument("--image", "-i", required=True, nargs="+", help="image file(s)")
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--boxes",
         "-b",
         metavar="JSON",
-        help="boxes.json (GT / user-box mode); without it: proposal mode (needs the "
-        "RPN, not available yet)",
+        help="boxes.json (GT / user-box mode); give this or --rpn",
+    )
+    mode.add_argument(
+        "--rpn",
+        metavar="PATH",
+        help="proposal mode: the offline RPN's proposals are the boxes (an `rpn` workdir, its "
+        "export/ dir, or a detectron2 RPN .pth); give this or --boxes",
+    )
+    p.add_argument(
+        "--rpn-pre-nms-topk",
+        type=int,
+        default=None,
+        help="RPN candidates per level before NMS (default: C4 / CLIP 6000, FPN 1000)",
+    )
+    p.add_argument("--rpn-post-nms-topk", type=int, default=1000, help="RPN proposals kept")
+    p.add_argument(
+        "--rpn-nms-thresh",
+        type=float,
+        default=0.9,
+        help="RPN NMS IoU (0.9: the original's zero-shot OFFLINE_RPN_NMS_THRESH)",
     )
     p.add_argument(
         "--vocabulary",
@@ -191,16 +222,35 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run_classify(args: argparse.Namespace) -> int:
-    from regionclip_jax.inference.recognizer import PROPOSAL_MODE_ERROR
+def _regions(scores, names: list[str]) -> list[dict]:
+    """Per-box summary of `RegionScores` for the JSON (proposal mode adds the RPN objectness)."""
+    out = [
+        {
+            "box": [round(float(v), 2) for v in box],
+            "label": names[int(lab)],
+            "score": float(sc),
+            "background": float(bg),
+        }
+        for box, lab, sc, bg in zip(scores.boxes, scores.labels, scores.scores, scores.background)
+    ]
+    if scores.objectness is not None:
+        for r, o in zip(out, scores.objectness):
+            r["objectness"] = float(o)
+    return out
 
-    if args.boxes is None:
-        raise ValueError(PROPOSAL_MODE_ERROR)
+
+def run_classify(args: argparse.Namespace) -> int:
+    if args.boxes is None and args.rpn is None:
+        raise ValueError(
+            "give --boxes JSON (GT / user-box mode) or --rpn PATH (proposal mode): detection "
+            "without boxes needs an offline RPN (an `rpn` workdir, its export/ dir, or a "
+            "detectron2 RPN .pth)"
+        )
     images = list(args.image)
     for img in images:
         if not os.path.isfile(img):
             raise FileNotFoundError(2, "No such image file", img)
-    boxes = read_boxes(args.boxes, images)
+    boxes = None if args.boxes is None else read_boxes(args.boxes, images)
     from regionclip_jax.inference.vocabulary import parse_vocabulary
 
     words = parse_vocabulary(args.vocabulary)  # fail on an empty vocabulary before loading
@@ -220,7 +270,10 @@ def run_classify(args: argparse.Namespace) -> int:
         disable=args.quiet or len(images) < 2,
         file=sys.stderr,
     ):
-        scores = model.classify_regions(img, boxes[img], words, clip_boxes=args.clip_boxes)
+        if boxes is None:  # proposal mode
+            scores = model.classify_proposals(img, words)
+        else:
+            scores = model.classify_regions(img, boxes[img], words, clip_boxes=args.clip_boxes)
         from regionclip_jax.inference.recognizer import Detections, postprocess
 
         b, s, k = postprocess(
@@ -236,17 +289,7 @@ def run_classify(args: argparse.Namespace) -> int:
             {
                 "image": img,
                 "detections": dets.to_dict()["detections"],
-                "regions": [
-                    {
-                        "box": [round(float(v), 2) for v in box],
-                        "label": names[int(lab)],
-                        "score": float(sc),
-                        "background": float(bg),
-                    }
-                    for box, lab, sc, bg in zip(
-                        scores.boxes, scores.labels, scores.scores, scores.background
-                    )
-                ],
+                "regions": _regions(scores, names),
             }
         )
         if args.vis:

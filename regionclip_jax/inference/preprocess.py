@@ -4,8 +4,9 @@ RGB image -> resize (shortest edge `min_size` = 800, longest <= `max_size` = 133
 `regionclip_jax.data.transforms.resized_size`) -> CLIP normalisation -> zero padding at the
 bottom/right to a static canvas. The default canvas is one of two buckets, landscape
 `(ceil32(min_size), ceil32(max_size))` = 800 x 1344 or its transpose, so every image of that
-orientation compiles to the same program (spec §10). Boxes are absolute xyxy; `to_canvas` /
-`to_original` map them between the original image and the resized canvas frames.
+orientation compiles to the same program (spec §10). `Prepared.pixels` keeps the resized RGB
+0..255 canvas before normalisation (what an offline RPN takes). Boxes are absolute xyxy;
+`to_canvas` / `to_original` map them between the original image and the resized canvas frames.
 """
 
 from __future__ import annotations
@@ -70,11 +71,14 @@ class Prepared:
       image: float32 `[Hc, Wc, 3]` CLIP-normalised canvas (zeros outside the image).
       image_hw: (h, w) of the resized image inside the canvas.
       original_hw: (H, W) of the input image.
+      pixels: uint8 `[Hc, Wc, 3]` the same canvas before normalisation: resized RGB 0..255, zeros
+        outside the image (the input of an offline RPN); None when not kept.
     """
 
     image: np.ndarray
     image_hw: tuple[int, int]
     original_hw: tuple[int, int]
+    pixels: np.ndarray | None = None
 
     @property
     def scale_xy(self) -> tuple[float, float]:
@@ -112,8 +116,14 @@ def preprocess(
     canvas = canvas or default_canvas(new_h, new_w, min_size, max_size)
     if new_h > canvas[0] or new_w > canvas[1]:
         raise ValueError(f"resized image {new_h}x{new_w} does not fit the canvas {canvas}")
-    resized = normalize_image(resize_image(pixels, new_h, new_w))
-    return Prepared(pad_image(resized, tuple(canvas)), (new_h, new_w), (h, w))
+    resized = resize_image(pixels, new_h, new_w)
+    canvas = tuple(canvas)
+    return Prepared(
+        pad_image(normalize_image(resized), canvas),
+        (new_h, new_w),
+        (h, w),
+        pixels=pad_image(resized, canvas),
+    )
 
 
 def validate_boxes(

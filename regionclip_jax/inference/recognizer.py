@@ -4,18 +4,28 @@
     feats = model.region_features(images, boxes)              # [B, R, D] attnpool outputs
     scores = model.classify_regions("img.jpg", boxes, ["cat", "dog"])
     dets = model.detect("img.jpg", ["cat", "dog"], boxes=boxes)
+    model = RegionCLIP.from_checkpoint("ckpt/regionclip_rn50", rpn="work/rpn")  # proposal mode
+    dets = model.detect("img.jpg", ["cat", "dog"])             # boxes from the offline RPN
 
 Classifier (spec §2.4, §3): logits = cos(region, class) / 0.01 with a zero background logit as the
 last column, softmax over K + 1. Class embeddings: 81-template prompt ensemble of the checkpoint's
 text tower, cached on disk (`vocabulary.EmbeddingCache`). Detection in GT / user-box mode (spec
 §6.1): no box deltas, boxes clipped to the image, background column dropped, (box, class) pairs
 above `score_thresh` kept, per-class NMS (IoU `nms_thresh`), top `max_detections`, boxes in
-original image pixels. Proposal mode (no boxes) needs an offline RPN, which the recognizer does not
-run yet (models.rpn has one; `regionclip_jax.main` mode `detect` uses it).
+original image pixels.
+
+Proposal mode (no boxes; spec §6.1-6.2, the zero-shot RPN protocol): an offline class-agnostic
+RPN (`rpn=`: an `rpn` mode workdir, its export/ dir, or a detectron2 RPN .pth; see
+`train.rpn_trainer.load_rpn_spec`) runs on the resized, zero-padded RGB 0..255 canvas; its valid
+proposals, mapped to original pixels, are the boxes, used as they are (NO_BOX_DELTA) and
+classified and post-processed exactly as in GT mode. The optional RPN-score fusion of the original
+(MULTIPLY_RPN_SCORE) is not applied; `RegionScores.objectness` keeps the RPN logits. RPN test-time
+defaults: pre-NMS top-k per level of the kind (C4 / CLIP 6000, FPN 1000), post-NMS top-k 1000,
+NMS 0.9 (`OFFLINE_RPN_NMS_THRESH` of the zero-shot configs; detectron2's own default is 0.7).
 
 Execution: one jitted program per (batch, canvas, box bucket): boxes are padded to a power of two
 (`preprocess.bucket_size`) and canvases come in two orientation buckets, so a folder of images
-compiles at most a handful of times.
+compiles at most a handful of times; the RPN compiles once per canvas shape.
 """
 
 from __future__ import annotations
@@ -47,8 +57,10 @@ from regionclip_jax.models.region import RegionEncoder
 from regionclip_jax.text.templates import TEMPLATES
 
 PROPOSAL_MODE_ERROR = (
-    "detection without boxes (proposal mode) needs an offline RPN, which the recognizer does not "
-    "run yet (mode `detect` of regionclip_jax.main does); pass boxes (ground-truth or your own, xyxy pixels of the original image)"
+    "detection without boxes (proposal mode) needs an offline RPN: load the model with rpn=PATH "
+    "(RegionCLIP.from_checkpoint(ckpt, rpn=...); an `rpn` workdir, its export/ dir or a "
+    "detectron2 RPN .pth), or pass boxes (ground-truth or your own, xyxy pixels of the original "
+    "image)"
 )
 
 
@@ -62,6 +74,7 @@ class RegionScores:
       background: float32 `[R]` background probability (1 - probs.sum(-1)).
       names: the K class names (vocabulary words, then exemplar queries).
       image_hw: (H, W) of the original image.
+      objectness: float32 `[R]` raw RPN objectness logits of proposals (proposal mode), else None.
     """
 
     boxes: np.ndarray
@@ -69,6 +82,7 @@ class RegionScores:
     background: np.ndarray
     names: list[str]
     image_hw: tuple[int, int]
+    objectness: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -81,21 +95,22 @@ class RegionScores:
         return self.probs.max(-1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "classes": list(self.names),
-            "regions": [
-                {
-                    "box": [round(float(v), 2) for v in b],
-                    "label": self.names[int(k)],
-                    "score": float(s),
-                    "probs": {n: float(p) for n, p in zip(self.names, row)},
-                    "background": float(bg),
-                }
-                for b, k, s, row, bg in zip(
-                    self.boxes, self.labels, self.scores, self.probs, self.background
-                )
-            ],
-        }
+        regions = [
+            {
+                "box": [round(float(v), 2) for v in b],
+                "label": self.names[int(k)],
+                "score": float(s),
+                "probs": {n: float(p) for n, p in zip(self.names, row)},
+                "background": float(bg),
+            }
+            for b, k, s, row, bg in zip(
+                self.boxes, self.labels, self.scores, self.probs, self.background
+            )
+        ]
+        if self.objectness is not None:
+            for r, o in zip(regions, self.objectness):
+                r["objectness"] = float(o)
+        return {"classes": list(self.names), "regions": regions}
 
 
 @dataclasses.dataclass
@@ -186,6 +201,14 @@ def postprocess(
     return boxes[r_idx[keep]], scores[keep].astype(np.float32), k_idx[keep].astype(np.int32)
 
 
+def _check_rpn_path(path: str | os.PathLike) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"rpn {os.fspath(path)!r} does not exist (want an `rpn` workdir, its export/ dir, or "
+            "a detectron2 RPN .pth)"
+        )
+
+
 class RegionCLIP:
     """Zero-shot region recognition (see the module docstring).
 
@@ -197,6 +220,18 @@ class RegionCLIP:
       canvas: fixed (Hc, Wc) canvas for every image (default: two orientation buckets).
       cache_dir: text-embedding cache directory ("default", a path, or None to disable).
       box_chunk: run the RoI head over chunks of this many boxes (bounds memory).
+      temperature: τ of the classifier logits (0.01).
+      rpn: the offline RPN of proposal mode: an `rpn` workdir, its export/ dir (rpn.json +
+        params.npz) or a detectron2 RPN .pth; None: no proposal mode (boxes must be given).
+      rpn_pre_nms_topk: RPN candidates per level before NMS; None: the kind's detectron2 test
+        default (C4 / CLIP res4 6000, FPN 1000).
+      rpn_post_nms_topk: proposals kept after the RPN's NMS (1000).
+      rpn_nms_thresh: the RPN's NMS IoU (0.9: `OFFLINE_RPN_NMS_THRESH` of the zero-shot configs).
+
+    Raises:
+      FileNotFoundError: nothing at `rpn`, or a directory without rpn.json.
+      ValueError: `rpn` is a file that is not a detectron2 RPN checkpoint, or weights that do not
+        fit its rpn.json.
     """
 
     def __init__(
@@ -211,6 +246,10 @@ class RegionCLIP:
         cache_dir: str | os.PathLike | None = "default",
         box_chunk: int | None = None,
         temperature: float = 0.01,
+        rpn: str | os.PathLike | None = None,
+        rpn_pre_nms_topk: int | None = None,
+        rpn_post_nms_topk: int = 1000,
+        rpn_nms_thresh: float = 0.9,
     ):
         self.clip = clip
         self.heads = dict(heads or {})
@@ -233,17 +272,77 @@ class RegionCLIP:
 
         self._features_fn = features
         self._encode_text_fn = encode_text
+        self.rpn_path = None if rpn is None else os.fspath(rpn)
+        self.rpn_spec: dict[str, Any] | None = None
+        if rpn is not None:
+            self._load_rpn(self.rpn_path, rpn_pre_nms_topk, rpn_post_nms_topk, rpn_nms_thresh)
+
+    def _load_rpn(
+        self, path: str, pre_nms_topk: int | None, post_nms_topk: int, nms_thresh: float
+    ) -> None:
+        from regionclip_jax.train import rpn_trainer
+        from regionclip_jax.train import state as state_lib
+
+        if post_nms_topk < 1 or (pre_nms_topk is not None and pre_nms_topk < 1):
+            raise ValueError(
+                f"rpn top-k must be >= 1, got pre {pre_nms_topk}, post {post_nms_topk}"
+            )
+        if not 0.0 < nms_thresh <= 1.0:
+            raise ValueError(f"rpn_nms_thresh must be in (0, 1], got {nms_thresh}")
+        _check_rpn_path(path)
+        try:
+            spec = rpn_trainer.load_rpn_spec(
+                path,
+                pre_nms_topk=pre_nms_topk,
+                post_nms_topk=post_nms_topk,
+                nms_thresh=nms_thresh,
+                name="rpn",
+            )
+            params, rest = rpn_trainer.load_rpn_weights(spec)
+        except ValueError as e:
+            raise ValueError(f"rpn {path!r} is not a usable RPN: {e}") from e
+        except KeyError as e:  # an rpn.json without an architecture field
+            raise ValueError(f"rpn {path!r} is not a usable RPN: its spec lacks {e}") from e
+        # The graph only: the weights come from load_rpn_weights (no second random init).
+        graphdef, _, _ = state_lib.split_model(
+            nnx.eval_shape(lambda: rpn_trainer.build_rpn(spec, nnx.Rngs(0)))
+        )
+
+        @jax.jit  # one program per canvas shape (jit's cache keys on the input shapes)
+        def propose(params, rest, images, image_hw):
+            return state_lib.merge(graphdef, params, rest)(images, image_hw)
+
+        self.rpn_spec = spec
+        self._rpn_state = (params, rest)
+        self._rpn_fn = propose
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, **kwargs: Any) -> RegionCLIP:
+    def from_checkpoint(
+        cls, directory: str | os.PathLike, rpn: str | os.PathLike | None = None, **kwargs: Any
+    ) -> RegionCLIP:
         """Loads a converted RegionCLIP checkpoint (`save_regionclip`) or a converted CLIP one
-        (`regionclip-jax convert`; plain CLIP applied to regions, the paper's baseline)."""
+        (`regionclip-jax convert`; plain CLIP applied to regions, the paper's baseline).
+
+        `rpn` (an `rpn` workdir, its export/ dir or a detectron2 RPN .pth) enables proposal mode;
+        other keyword options as `RegionCLIP`.
+        """
         from regionclip_jax.convert.regionclip import load_regionclip
 
+        if rpn is not None:  # before the (possibly large) checkpoint is read
+            _check_rpn_path(rpn)
         weights = load_regionclip(directory)
         return cls(
-            weights.clip, heads=weights.heads, identity=checkpoint_identity(directory), **kwargs
+            weights.clip,
+            heads=weights.heads,
+            identity=checkpoint_identity(directory),
+            rpn=rpn,
+            **kwargs,
         )
+
+    @property
+    def has_rpn(self) -> bool:
+        """Whether an offline RPN is loaded (proposal mode available)."""
+        return self.rpn_spec is not None
 
     @property
     def embed_dim(self) -> int:
@@ -354,6 +453,22 @@ class RegionCLIP:
 
     # -------------------------------------------------------------------------- recognition
 
+    def _scores(
+        self,
+        prepared: Prepared,
+        boxes: np.ndarray,
+        names: list[str],
+        emb: np.ndarray,
+        objectness: np.ndarray | None = None,
+    ) -> RegionScores:
+        """Classifies `boxes` (float32 `[R, 4]` original pixels) against `emb` (`[K, D]`)."""
+        feats = self.region_features(prepared.image[None], prepared.to_canvas(boxes)[None])[0]
+        logits = logits_with_background(jnp.asarray(feats), jnp.asarray(emb), self.temperature)
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        return RegionScores(
+            boxes, probs[:, :-1], probs[:, -1], names, prepared.original_hw, objectness
+        )
+
     def classify_regions(
         self,
         image: str | os.PathLike | np.ndarray,
@@ -375,10 +490,71 @@ class RegionCLIP:
         """
         names, emb = self.class_embeddings(vocabulary, exemplars, templates=templates)
         prepared, b = self.prepare(image, boxes, clip_boxes=clip_boxes)
-        feats = self.region_features(prepared.image[None], prepared.to_canvas(b)[None])[0]
-        logits = logits_with_background(jnp.asarray(feats), jnp.asarray(emb), self.temperature)
-        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-        return RegionScores(b, probs[:, :-1], probs[:, -1], names, prepared.original_hw)
+        return self._scores(prepared, b, names, emb)
+
+    # ------------------------------------------------------------------------- proposal mode
+
+    def _require_rpn(self) -> None:
+        if self.rpn_spec is None:
+            raise ValueError(PROPOSAL_MODE_ERROR)
+
+    def _proposals(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """The RPN's valid proposals of a prepared image: (float32 `[P, 4]` xyxy original pixels,
+        float32 `[P]` objectness logits), by decreasing objectness."""
+        self._require_rpn()
+        if prepared.pixels is None:
+            raise ValueError("the prepared image has no un-normalised canvas (Prepared.pixels)")
+        images = jnp.asarray(prepared.pixels[None], jnp.float32)
+        image_hw = jnp.asarray([prepared.image_hw], jnp.int32)
+        boxes, logits, valid = self._rpn_fn(*self._rpn_state, images, image_hw)
+        keep = np.asarray(valid[0])
+        canvas_boxes = np.asarray(boxes[0], np.float32)[keep]
+        # The RPN clips to the resized image; the clip here only absorbs the rounding of the
+        # rescale, so that every proposal is a valid box of the original image.
+        h, w = prepared.original_hw
+        out = np.clip(prepared.to_original(canvas_boxes), 0, [w, h, w, h]).astype(np.float32)
+        objectness = np.asarray(logits[0], np.float32)[keep]
+        # The RPN drops empty boxes; one that only the rescale made empty goes too (GT mode would
+        # reject it as degenerate).
+        ok = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+        return out[ok], objectness[ok]
+
+    def proposals(self, image: str | os.PathLike | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The offline RPN's proposals of one image.
+
+        Args:
+          image: path or uint8 [H, W, 3] RGB.
+
+        Returns:
+          (boxes float32 `[P, 4]` xyxy in original image pixels, objectness float32 `[P]` raw RPN
+          logits), by decreasing objectness; P <= `rpn_post_nms_topk` (only valid proposals).
+
+        Raises:
+          ValueError: no RPN loaded (`rpn=`).
+        """
+        self._require_rpn()
+        prepared, _ = self.prepare(image)
+        return self._proposals(prepared)
+
+    def classify_proposals(
+        self,
+        image: str | os.PathLike | np.ndarray,
+        vocabulary: str | Sequence[str] | None,
+        *,
+        exemplars: Mapping[str, np.ndarray] | None = None,
+        templates: Sequence[str] = TEMPLATES,
+    ) -> RegionScores:
+        """Class probabilities of each RPN proposal (as `classify_regions` with the proposals as
+        boxes; `objectness` holds the RPN logits).
+
+        Raises:
+          ValueError: no RPN loaded (`rpn=`), or a bad vocabulary.
+        """
+        self._require_rpn()
+        names, emb = self.class_embeddings(vocabulary, exemplars, templates=templates)
+        prepared, _ = self.prepare(image)
+        boxes, objectness = self._proposals(prepared)
+        return self._scores(prepared, boxes, names, emb, objectness)
 
     def detect(
         self,
@@ -393,22 +569,30 @@ class RegionCLIP:
         templates: Sequence[str] = TEMPLATES,
         clip_boxes: bool = False,
     ) -> Detections:
-        """Detections in GT / user-box mode (spec §6.1; COCO zero-shot defaults: score 0.001,
-        NMS 0.5, 100 detections; LVIS uses 0.0001 and 300).
+        """Detections (spec §6.1; COCO zero-shot defaults: score 0.001, NMS 0.5, 100 detections;
+        LVIS uses 0.0001 and 300).
+
+        With `boxes` (`[R, 4]` xyxy original pixels): GT / user-box mode. Without: proposal mode,
+        the loaded offline RPN's proposals are the boxes (no box deltas, no RPN-score fusion),
+        post-processed the same way.
 
         Raises:
-          ValueError: `boxes` is None (proposal mode needs an RPN, not wired here), or bad inputs.
+          ValueError: `boxes` is None and no RPN is loaded (pass `rpn=` to `from_checkpoint`), or
+            bad inputs.
         """
         if boxes is None:
-            raise ValueError(PROPOSAL_MODE_ERROR)
-        scores = self.classify_regions(
-            image,
-            boxes,
-            vocabulary,
-            exemplars=exemplars,
-            templates=templates,
-            clip_boxes=clip_boxes,
-        )
+            scores = self.classify_proposals(
+                image, vocabulary, exemplars=exemplars, templates=templates
+            )
+        else:
+            scores = self.classify_regions(
+                image,
+                boxes,
+                vocabulary,
+                exemplars=exemplars,
+                templates=templates,
+                clip_boxes=clip_boxes,
+            )
         out_boxes, out_scores, labels = postprocess(
             scores.boxes,
             scores.probs,

@@ -13,9 +13,10 @@ matches, objectness BCE + L1 deltas, both over 256 x B). Boxes of `rpn.train_cla
 the train classes of the detection data, as the original's OVD RPNs; "all") are the targets.
 
 After training, `WORKDIR/export/` holds `rpn.json` (architecture) and `params.npz` (weights):
-pass WORKDIR (or the export dir) as `detect.rpn_init`. `proposal_recall` measures the recall of
-the proposals on the evaluation set, base and novel classes separately (the novel recall says
-whether the class-agnostic RPN generalises beyond its training classes).
+pass WORKDIR (or the export dir) as `detect.rpn_init`, or as `rpn=` of the zero-shot recognizer
+(`inference.RegionCLIP`, which reads it with `load_rpn_spec`). `proposal_recall` measures the
+recall of the proposals on the evaluation set, base and novel classes separately (the novel
+recall says whether the class-agnostic RPN generalises beyond its training classes).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from regionclip_jax.data.detection_pipeline import detection_batch_spec
 from regionclip_jax.train import config_validation, detection_data, optim
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import state as state_lib
+from regionclip_jax.train.detection_trainer import clip_normalize
 
 SPEC_FILE = "rpn.json"
 PARAMS_FILE = "params.npz"
@@ -71,6 +73,35 @@ def rpn_spec_from_init(path: str, config: ml_collections.ConfigDict) -> dict[str
     t = config.detect
     if path == "random":  # smoke runs: an untrained RPN of config.rpn's architecture
         return dict(spec_from_config(config), weights="")
+    return load_rpn_spec(
+        path,
+        pre_nms_topk=int(t.rpn_pre_nms_topk),
+        post_nms_topk=int(t.rpn_post_nms_topk),
+        nms_thresh=float(t.rpn_nms_thresh),
+    )
+
+
+def load_rpn_spec(
+    path: str | os.PathLike,
+    *,
+    pre_nms_topk: int | None,
+    post_nms_topk: int,
+    nms_thresh: float,
+    name: str = "detect.rpn_init",
+) -> dict[str, Any]:
+    """The spec of a trained RPN at `path`, with the given test-time settings (no config needed).
+
+    Args:
+      path: an `rpn` workdir (holding export/rpn.json), its export dir, or a detectron2 RPN .pth.
+      pre_nms_topk: candidates per level before NMS; None: the kind's detectron2 test default
+        (C4 / CLIP res4: 6000, FPN: 1000 per level).
+      post_nms_topk, nms_thresh: proposals kept after NMS, and the NMS IoU threshold.
+      name: what `path` is called in error messages.
+
+    Raises:
+      FileNotFoundError: nothing at `path`, or a directory without rpn.json (nor export/rpn.json).
+    """
+    path = os.fspath(path)
     for d in (os.path.join(path, "export"), path):
         if os.path.isfile(os.path.join(d, SPEC_FILE)):
             with open(os.path.join(d, SPEC_FILE)) as f:
@@ -80,16 +111,18 @@ def rpn_spec_from_init(path: str, config: ml_collections.ConfigDict) -> dict[str
     else:
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"detect.rpn_init {path!r}: neither an `rpn` workdir with export/{SPEC_FILE} "
+                f"{name} {path!r}: neither an `rpn` workdir with export/{SPEC_FILE} "
                 "nor a detectron2 RPN checkpoint file"
             )
         from regionclip_jax.convert.detectron2_rpn import infer_rpn_architecture
 
         spec = dict(infer_rpn_architecture(path), weights=path)
+    if pre_nms_topk is None:
+        pre_nms_topk = 1000 if spec.get("kind") == "fpn" else 6000
     spec.update(
-        pre_nms_topk=int(t.rpn_pre_nms_topk),
-        post_nms_topk=int(t.rpn_post_nms_topk),
-        nms_thresh=float(t.rpn_nms_thresh),
+        pre_nms_topk=int(pre_nms_topk),
+        post_nms_topk=int(post_nms_topk),
+        nms_thresh=float(nms_thresh),
     )
     return spec
 
@@ -120,8 +153,6 @@ class ClipRPN(nnx.Module):
         )
 
     def features(self, images: jax.Array, image_hw: jax.Array) -> list[jax.Array]:
-        from regionclip_jax.train.detection_trainer import clip_normalize
-
         return [self.visual.trunk(clip_normalize(images, image_hw), self.freeze_at)]
 
     def __call__(self, images: jax.Array, image_hw: jax.Array):
@@ -180,16 +211,19 @@ def _unflat(tree: Any, flat: dict[str, np.ndarray], where: str) -> Any:
 def load_rpn_weights(spec: dict[str, Any]) -> tuple[Any, Any]:
     """(params, rest) of the RPN `spec` describes, read from `spec["weights"]` (on the host)."""
     path = spec["weights"]
-    model = build_rpn(spec, nnx.Rngs(0))
-    if not path:  # "random"
-        _, params, rest = state_lib.split_model(model)
-        return params, rest
     if path.endswith(".npz"):
-        _, params, rest = state_lib.split_model(model)
+        # Shapes only: every value comes from the file (an eager random init takes seconds).
+        _, params, rest = state_lib.split_model(
+            nnx.eval_shape(lambda: build_rpn(spec, nnx.Rngs(0)))
+        )
         with np.load(path) as z:
             flat = dict(z)
         params = _unflat(params, {k[2:]: v for k, v in flat.items() if k.startswith("p/")}, path)
         rest = _unflat(rest, {k[2:]: v for k, v in flat.items() if k.startswith("r/")}, path)
+        return params, rest
+    model = build_rpn(spec, nnx.Rngs(0))
+    if not path:  # "random"
+        _, params, rest = state_lib.split_model(model)
         return params, rest
     from regionclip_jax.convert.detectron2_rpn import load_detectron2_rpn
 
