@@ -219,7 +219,7 @@ def _shapesworld(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# make-shards, concepts
+# make-shards, concepts, add-proposals
 
 
 def _make_shards_arguments(p: argparse.ArgumentParser) -> None:
@@ -254,6 +254,23 @@ def _concepts(args: argparse.Namespace) -> int:
     from regionclip_jax.data.commands import concepts_command
 
     return concepts_command(args)
+
+
+def _add_proposals_arguments(p: argparse.ArgumentParser) -> None:
+    from regionclip_jax.data.commands import add_add_proposals_arguments
+
+    add_add_proposals_arguments(p)
+
+
+@command(
+    "add-proposals",
+    help="precompute an offline RPN's proposals into a copy of the shards (for pretraining)",
+    arguments=_add_proposals_arguments,
+)
+def _add_proposals(args: argparse.Namespace) -> int:
+    from regionclip_jax.data.commands import add_proposals_command
+
+    return add_proposals_command(args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -251,5 +251,5 @@ def test_bad_pretrain_config_fails_naming_the_key(sw_dir, key, value, match):
 
 def test_rpn_regions_fail_clearly_until_wired(sw_dir, tmp_path):
     cfg = tiny_pretrain_config(sw_dir, **{"pretrain.regions": "rpn"})
-    with pytest.raises(NotImplementedError, match="not wired yet"):
+    with pytest.raises(NotImplementedError, match="add-proposals"):
         pretrain_trainer.run(cfg, str(tmp_path / "rpn"))

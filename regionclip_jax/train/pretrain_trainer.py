@@ -8,7 +8,9 @@ One step, for a batch of images `[B, Hc, Wc, 3]` with captions:
                     "RANDOM" region ablation; our own box distribution, see `random_boxes`);
        "gt":        the ground-truth boxes of the shards (an oracle RPN: locations only, the
                     labels are never read), for ShapesWorld and ablations;
-       "rpn":       an RPN run inside the step; not wired yet (fails clearly; models.rpn exists);
+       "rpn":       an RPN run inside the step; not wired (fails clearly): precompute the
+                    proposals of an offline RPN into the shards instead
+                    (`regionclip-jax add-proposals`, data/proposals.py) and use "proposals";
      plus the global box of each image (`[0, 0, w, h]`, true image size; the original uses the
      padded batch size, which our static canvas would inflate with padding).
   2. the student (trunk -> RoIAlign -> res5 -> attnpool, `models.region.RegionEncoder`) embeds
@@ -296,8 +298,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     clip_trainer.prepare_shapesworld(config)
     if config.pretrain.regions == "rpn":
         raise NotImplementedError(
-            "config.pretrain.regions='rpn' (an RPN inside the pretraining step) is not wired yet; "
-            "use 'proposals' (precomputed into the shards), 'random' or 'gt'"
+            "config.pretrain.regions='rpn' (an RPN inside the pretraining step) is not wired; "
+            "use 'proposals' (precomputed into the shards with `regionclip-jax add-proposals "
+            "--shards IN --out OUT --rpn RPN`), 'random' or 'gt'"
         )
     config.optim.freeze = tuple(config.optim.freeze) + frozen_patterns(
         int(config.pretrain.freeze_at)
