@@ -14,7 +14,10 @@ and reports its recall on the held-out scenes for base and novel shapes: the det
 Anchors: one stride-16 level, sizes 24-96 px (ShapesWorld objects are 29-58 px on 128 px scenes),
 ratios 0.5 / 1 / 2. Test-time: 500 pre-NMS, NMS 0.7, 100 proposals.
 
-Variants (`:ARGS`): teacher=DIR, data=DIR, steps=N, batch=N, runlocal.
+Training scenes: those of configs/detect_shapesworld.py (novel shapes 1 object in 7, `novel_weight`;
+generated next to DATA on first use); held-out scenes: the demo's own.
+
+Variants (`:ARGS`): teacher=DIR, data=DIR, steps=N, batch=N, novel_weight=W, runlocal.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def get_config(arg: str | None = None):
         data="/tmp/regionclip_jax/shapesworld",
         steps=300,
         batch=16,
+        novel_weight=COCO_LIKE_NOVEL_WEIGHT,
     )
     c = common.training_config("rpn")
     _shapesworld_detection_data(c, common, a)
@@ -62,14 +66,29 @@ def get_config(arg: str | None = None):
     return c
 
 
+# In COCO's open-vocabulary split about 1 object in 7 of the 65 classes is novel (OVR-CNN's val:
+# 4,614 of 33,152), present in the base training images without a box. 7 base shapes and 3 novel
+# ones at relative weight w make 3w / (7 + 3w) of the objects novel: 1 in 7 at w = 7/18.
+COCO_LIKE_NOVEL_WEIGHT = 7 / 18
+
+
 def _shapesworld_detection_data(c, common, a):
-    """The demo's cluttered scenes (configs/pretrain_shapesworld.py) as detection data."""
+    """Detection data: the demo's cluttered scenes (configs/pretrain_shapesworld.py), the training
+    split drawn with novel shapes at `a.novel_weight` (ShapesWorldConfig.train_novel_weight).
+
+    The held-out scenes do not depend on that weight: they are the demo's validation scenes,
+    pixel for pixel. With weight 1 the demo's own scenes are used; otherwise a sibling directory
+    named by the weight is generated on first use.
+    """
     pre = common.load_config_file("pretrain_shapesworld", f"data={a.data}")
     c.seed = 0
     c.total_steps = a.steps
     c.log_every = 25
     c.checkpoint_every = 100
     c.data.shapesworld = pre.data.shapesworld
+    if a.novel_weight != 1.0:
+        c.data.shapesworld.dir = f"{a.data.rstrip('/')}_novel{a.novel_weight:.3g}"
+        c.data.shapesworld.train_novel_weight = a.novel_weight
     c.data.batch_size = a.batch
     c.data.min_size = c.data.max_size = 128
     c.data.canvas = (128, 128)
