@@ -37,7 +37,9 @@ Measured on this 2-core CPU (200 held-out scenes; AP50 novel / base, student vs 
 Region pretraining transfers clearly on base shapes (after fine-tuning) and to novel shapes in
 zero-shot detection (3x the teacher). After base-class fine-tuning the student does NOT keep its
 novel-shape lead: it confuses the three novel shapes with one another (with the default, 47 of 64
-crosses and 26 of 54 stars come out "heart"; the fine-tuned teacher gets 46 of 64 crosses right),
+crosses and 23 of 54 stars come out "heart"; the fine-tuned teacher gets 46 of 64 crosses right;
+`python -m regionclip_jax.eval.confusion --gt DATA/annotations/instances_val.json --detections
+WORKDIR/eval/400 --split novel`),
 and it does so just the same when no training scene holds a novel shape (novel_weight 0), so this
 is forgetting of the novel shapes' differences under base-class training, not novel objects learnt
 as background. The teacher's novel AP, by contrast, rises with fine-tuning and with rarer novel
