@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import io
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
+from tiny_rpn import export_random_clip_rpn
 
 from regionclip_jax import cli
 from regionclip_jax.data import proposals as proposals_lib
@@ -30,16 +29,6 @@ from regionclip_jax.data.proposals import add_proposals
 from regionclip_jax.data.schema import sanitize_record
 from regionclip_jax.data.shards import ShardReader, ShardWriter, load_manifest
 
-CLIP_TINY = dict(
-    embed_dim=32,
-    image_resolution=64,
-    vision_layers=(1, 1, 1, 1),
-    vision_width=16,
-    vision_patch_size=None,
-    transformer_width=64,
-    transformer_heads=1,
-    transformer_layers=1,
-)
 SETTINGS = dict(min_size=64, max_size=96, topk=40, pre_nms_topk=200, nms_thresh=0.5)
 # Resized (h, w) by the shortest-edge rule with min 64 / max 96, worked out by hand, and the
 # orientation bucket (ceil32(64), ceil32(96)) or its transpose.
@@ -56,9 +45,6 @@ def _png(array: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from regionclip_jax.data import shapesworld
-    from regionclip_jax.models import CLIPConfig
-    from regionclip_jax.train import rpn_trainer
-    from regionclip_jax.train import state as state_lib
 
     tmp = tmp_path_factory.mktemp("add_proposals")
     shapesworld.generate(tmp / "sw", num_train=6, num_val=0, image_size=64)
@@ -87,50 +73,13 @@ def env(tmp_path_factory):
         for r in records:
             assert w.write(r)
 
-    spec = {
-        "kind": "clip",
-        "anchor_sizes": [16.0, 32.0, 64.0],
-        "aspect_ratios": [0.5, 1.0, 2.0],
-        "pre_nms_topk": 6000,  # the exported values; add_proposals' settings replace them
-        "post_nms_topk": 1000,
-        "nms_thresh": 0.9,
-        "freeze_at": 2,
-        "clip_config": CLIPConfig(**CLIP_TINY).to_dict(),
-    }
-    # Random weights drawn in NumPy, large enough that the proposals move off the anchors and
-    # their logits are well separated (as in test_inference_proposals.py).
-    wrng = np.random.default_rng(0)
-
-    def draw(path, x):
-        name = jax.tree_util.keystr(path)
-        if name.endswith(("'scale']", "'var']")):
-            return wrng.uniform(0.75, 1.25, x.shape).astype(np.float32)
-        if len(x.shape) >= 2:
-            return (wrng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))).astype(
-                np.float32
-            )
-        return (wrng.standard_normal(x.shape) * 0.1).astype(np.float32)
-
-    abstract = nnx.eval_shape(lambda: rpn_trainer.build_rpn(spec, nnx.Rngs(0)))
-    _, params, rest = state_lib.split_model(abstract)
-    params = jax.tree_util.tree_map_with_path(draw, params)
-    rest = jax.tree_util.tree_map_with_path(draw, rest)
     rpn_dir = tmp / "rpn_work"
-    rpn_trainer.export_rpn(spec, params, rest, str(rpn_dir / "export"))
-    # The reference: the same in-memory weights under the test-time settings.
-    test_spec = dict(
-        spec,
+    reference_rpn = export_random_clip_rpn(
+        rpn_dir,
         pre_nms_topk=SETTINGS["pre_nms_topk"],
         post_nms_topk=SETTINGS["topk"],
         nms_thresh=SETTINGS["nms_thresh"],
     )
-    ref_def, _, _ = state_lib.split_model(
-        nnx.eval_shape(lambda: rpn_trainer.build_rpn(test_spec, nnx.Rngs(0)))
-    )
-    call = jax.jit(lambda p, r, x, hw: state_lib.merge(ref_def, p, r)(x, hw))
-
-    def reference_rpn(images, image_hw):
-        return call(params, rest, images, image_hw)
 
     ticks = []
     summary = add_proposals(

@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
+from tiny_rpn import TINY_CLIP, export_random_clip_rpn
 
 from regionclip_jax.inference import RegionCLIP
 from regionclip_jax.inference.commands import main
 
-TINY = dict(
-    embed_dim=32,
-    image_resolution=64,
-    vision_layers=(1, 1, 1, 1),
-    vision_width=16,
-    vision_patch_size=None,
-    transformer_width=64,
-    transformer_heads=1,
-    transformer_layers=1,
-)
 SIZES = dict(min_size=64, max_size=96)  # canvases 64 x 96 (landscape) / 96 x 64 (portrait)
 RPN_KW = dict(rpn_pre_nms_topk=200, rpn_post_nms_topk=40, rpn_nms_thresh=0.7)
 WORDS = ["cat", "dog", "red car"]
@@ -44,56 +33,16 @@ def env(tmp_path_factory):
     from regionclip_jax.convert.regionclip import RegionCLIPWeights, save_regionclip
     from regionclip_jax.inference.notebook import random_clip
     from regionclip_jax.models import CLIPConfig
-    from regionclip_jax.train import rpn_trainer
-    from regionclip_jax.train import state as state_lib
 
     tmp = tmp_path_factory.mktemp("proposals")
-    config = CLIPConfig(**TINY)
+    config = CLIPConfig(**TINY_CLIP)
     ckpt = save_regionclip(RegionCLIPWeights(clip=random_clip(config), heads={}), tmp / "ckpt")
-    spec = {
-        "kind": "clip",
-        "anchor_sizes": [16.0, 32.0, 64.0],
-        "aspect_ratios": [0.5, 1.0, 2.0],
-        "pre_nms_topk": 6000,  # the exported values; the recognizer's settings replace them
-        "post_nms_topk": 1000,
-        "nms_thresh": 0.9,
-        "freeze_at": 2,
-        "clip_config": config.to_dict(),
-    }
-    # Random weights drawn in NumPy (an eager init is slow), larger than detectron2's N(0, 0.01)
-    # head init so that proposals move off the anchors and their logits are well separated.
-    rng = np.random.default_rng(0)
-
-    def draw(path, x):
-        name = jax.tree_util.keystr(path)
-        if name.endswith(("'scale']", "'var']")):
-            return rng.uniform(0.75, 1.25, x.shape).astype(np.float32)
-        if len(x.shape) >= 2:
-            return (rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))).astype(
-                np.float32
-            )
-        return (rng.standard_normal(x.shape) * 0.1).astype(np.float32)
-
-    abstract = nnx.eval_shape(lambda: rpn_trainer.build_rpn(spec, nnx.Rngs(0)))
-    _, params, rest = state_lib.split_model(abstract)
-    params = jax.tree_util.tree_map_with_path(draw, params)
-    rest = jax.tree_util.tree_map_with_path(draw, rest)
-    rpn_trainer.export_rpn(spec, params, rest, str(tmp / "rpn_work" / "export"))
-    # The reference: the same in-memory weights under the test-time settings given to the
-    # recognizer (static attributes of the module graph).
-    test_spec = dict(
-        spec,
+    reference_rpn = export_random_clip_rpn(
+        tmp / "rpn_work",
         pre_nms_topk=RPN_KW["rpn_pre_nms_topk"],
         post_nms_topk=RPN_KW["rpn_post_nms_topk"],
         nms_thresh=RPN_KW["rpn_nms_thresh"],
     )
-    ref_def, _, _ = state_lib.split_model(
-        nnx.eval_shape(lambda: rpn_trainer.build_rpn(test_spec, nnx.Rngs(0)))
-    )
-    call = jax.jit(lambda p, r, x, hw: state_lib.merge(ref_def, p, r)(x, hw))
-
-    def reference_rpn(images, image_hw):
-        return call(params, rest, images, image_hw)
 
     rng = np.random.RandomState(0)
     for name, hw, _, _ in IMAGES:

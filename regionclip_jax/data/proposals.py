@@ -116,41 +116,14 @@ def load_proposal_rpn(
       FileNotFoundError: nothing usable at `rpn`.
       ValueError: a file that is not an RPN, or weights that do not fit its rpn.json.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     from regionclip_jax.train import rpn_trainer
-    from regionclip_jax.train import state as state_lib
 
-    path = os.fspath(rpn)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"rpn {path!r} does not exist (want an `rpn` workdir, its export/ dir, or a "
-            "detectron2 RPN .pth)"
-        )
-    try:
-        spec = rpn_trainer.load_rpn_spec(
-            path, pre_nms_topk=pre_nms_topk, post_nms_topk=topk, nms_thresh=nms_thresh, name="rpn"
-        )
-        params, rest = rpn_trainer.load_rpn_weights(spec)
-    except ValueError as e:
-        raise ValueError(f"rpn {path!r} is not a usable RPN: {e}") from e
-    except KeyError as e:  # an rpn.json without an architecture field
-        raise ValueError(f"rpn {path!r} is not a usable RPN: its spec lacks {e}") from e
-    # The graph only: the weights come from load_rpn_weights (no second random init).
-    graphdef, _, _ = state_lib.split_model(
-        nnx.eval_shape(lambda: rpn_trainer.build_rpn(spec, nnx.Rngs(0)))
+    spec, propose_on_device = rpn_trainer.load_offline_rpn(
+        rpn, pre_nms_topk=pre_nms_topk, post_nms_topk=topk, nms_thresh=nms_thresh
     )
-    params, rest = jax.device_put((params, rest))
-
-    @jax.jit  # jit's cache keys on the input shapes: one program per canvas
-    def _propose(params, rest, images, image_hw):
-        # uint8 crosses to the device (4x less than float32); the RPN takes float 0..255.
-        return state_lib.merge(graphdef, params, rest)(images.astype(jnp.float32), image_hw)
 
     def propose(images: np.ndarray, image_hw: np.ndarray):
-        return _propose(params, rest, images, image_hw)
+        return propose_on_device(images, image_hw)
 
     return spec, propose
 

@@ -201,14 +201,6 @@ def postprocess(
     return boxes[r_idx[keep]], scores[keep].astype(np.float32), k_idx[keep].astype(np.int32)
 
 
-def _check_rpn_path(path: str | os.PathLike) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"rpn {os.fspath(path)!r} does not exist (want an `rpn` workdir, its export/ dir, or "
-            "a detectron2 RPN .pth)"
-        )
-
-
 class RegionCLIP:
     """Zero-shot region recognition (see the module docstring).
 
@@ -281,7 +273,6 @@ class RegionCLIP:
         self, path: str, pre_nms_topk: int | None, post_nms_topk: int, nms_thresh: float
     ) -> None:
         from regionclip_jax.train import rpn_trainer
-        from regionclip_jax.train import state as state_lib
 
         if post_nms_topk < 1 or (pre_nms_topk is not None and pre_nms_topk < 1):
             raise ValueError(
@@ -289,32 +280,9 @@ class RegionCLIP:
             )
         if not 0.0 < nms_thresh <= 1.0:
             raise ValueError(f"rpn_nms_thresh must be in (0, 1], got {nms_thresh}")
-        _check_rpn_path(path)
-        try:
-            spec = rpn_trainer.load_rpn_spec(
-                path,
-                pre_nms_topk=pre_nms_topk,
-                post_nms_topk=post_nms_topk,
-                nms_thresh=nms_thresh,
-                name="rpn",
-            )
-            params, rest = rpn_trainer.load_rpn_weights(spec)
-        except ValueError as e:
-            raise ValueError(f"rpn {path!r} is not a usable RPN: {e}") from e
-        except KeyError as e:  # an rpn.json without an architecture field
-            raise ValueError(f"rpn {path!r} is not a usable RPN: its spec lacks {e}") from e
-        # The graph only: the weights come from load_rpn_weights (no second random init).
-        graphdef, _, _ = state_lib.split_model(
-            nnx.eval_shape(lambda: rpn_trainer.build_rpn(spec, nnx.Rngs(0)))
+        self.rpn_spec, self._rpn_fn = rpn_trainer.load_offline_rpn(
+            path, pre_nms_topk=pre_nms_topk, post_nms_topk=post_nms_topk, nms_thresh=nms_thresh
         )
-
-        @jax.jit  # one program per canvas shape (jit's cache keys on the input shapes)
-        def propose(params, rest, images, image_hw):
-            return state_lib.merge(graphdef, params, rest)(images, image_hw)
-
-        self.rpn_spec = spec
-        self._rpn_state = (params, rest)
-        self._rpn_fn = propose
 
     @classmethod
     def from_checkpoint(
@@ -329,7 +297,9 @@ class RegionCLIP:
         from regionclip_jax.convert.regionclip import load_regionclip
 
         if rpn is not None:  # before the (possibly large) checkpoint is read
-            _check_rpn_path(rpn)
+            from regionclip_jax.train.rpn_trainer import check_rpn_path
+
+            check_rpn_path(rpn)
         weights = load_regionclip(directory)
         return cls(
             weights.clip,
@@ -506,7 +476,7 @@ class RegionCLIP:
             raise ValueError("the prepared image has no un-normalised canvas (Prepared.pixels)")
         images = jnp.asarray(prepared.pixels[None], jnp.float32)
         image_hw = jnp.asarray([prepared.image_hw], jnp.int32)
-        boxes, logits, valid = self._rpn_fn(*self._rpn_state, images, image_hw)
+        boxes, logits, valid = self._rpn_fn(images, image_hw)
         keep = np.asarray(valid[0])
         canvas_boxes = np.asarray(boxes[0], np.float32)[keep]
         # The RPN clips to the resized image; the clip here only absorbs the rounding of the

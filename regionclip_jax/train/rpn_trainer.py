@@ -127,6 +127,68 @@ def load_rpn_spec(
     return spec
 
 
+def check_rpn_path(path: str | os.PathLike) -> None:
+    """FileNotFoundError unless something exists at `path` (named as an RPN in the message)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"rpn {os.fspath(path)!r} does not exist (want an `rpn` workdir, its export/ dir, or "
+            "a detectron2 RPN .pth)"
+        )
+
+
+def load_offline_rpn(
+    path: str | os.PathLike,
+    *,
+    pre_nms_topk: int | None,
+    post_nms_topk: int,
+    nms_thresh: float,
+) -> tuple[dict[str, Any], Any]:
+    """A trained RPN as a frozen proposal function (the recognizer's and `add-proposals`').
+
+    Args:
+      path: an `rpn` workdir, its export/ dir (rpn.json + params.npz) or a detectron2 RPN .pth.
+      pre_nms_topk, post_nms_topk, nms_thresh: test-time settings (`load_rpn_spec`).
+
+    Returns:
+      (spec, propose): `propose(images, image_hw)` takes uint8 or float `[B, Hc, Wc, 3]` RGB
+      0..255 canvases (zero padding) and int32 `[B, 2]` (h, w), and returns device arrays (boxes
+      float32 `[B, post_nms_topk, 4]` xyxy canvas pixels, objectness logits `[B, post_nms_topk]`,
+      valid bool `[B, post_nms_topk]`); jitted, one program per input shape.
+
+    Raises:
+      FileNotFoundError: nothing usable at `path`.
+      ValueError: a file that is not an RPN, or weights that do not fit its rpn.json.
+    """
+    path = os.fspath(path)
+    check_rpn_path(path)
+    try:
+        spec = load_rpn_spec(
+            path,
+            pre_nms_topk=pre_nms_topk,
+            post_nms_topk=post_nms_topk,
+            nms_thresh=nms_thresh,
+            name="rpn",
+        )
+        params, rest = load_rpn_weights(spec)
+    except ValueError as e:
+        raise ValueError(f"rpn {path!r} is not a usable RPN: {e}") from e
+    except KeyError as e:  # an rpn.json without an architecture field
+        raise ValueError(f"rpn {path!r} is not a usable RPN: its spec lacks {e}") from e
+    # The graph only: the weights come from load_rpn_weights (no second random init).
+    graphdef, _, _ = state_lib.split_model(nnx.eval_shape(lambda: build_rpn(spec, nnx.Rngs(0))))
+    params, rest = jax.device_put((params, rest))
+
+    @jax.jit  # jit's cache keys on the input shapes: one program per canvas
+    def _propose(params, rest, images, image_hw):
+        # uint8 may cross to the device (4x less than float32); the RPN takes float 0..255.
+        return state_lib.merge(graphdef, params, rest)(images.astype(jnp.float32), image_hw)
+
+    def propose(images, image_hw):
+        return _propose(params, rest, images, image_hw)
+
+    return spec, propose
+
+
 class ClipRPN(nnx.Module):
     """An RPN head on the res4 (stride 16) of a CLIP ModifiedResNet image tower.
 
