@@ -7,16 +7,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-TINY_CLIP = dict(
-    embed_dim=32,
-    image_resolution=64,
-    vision_layers=(1, 1, 1, 1),
-    vision_width=16,
-    vision_patch_size=None,
-    transformer_width=64,
-    transformer_heads=1,
-    transformer_layers=1,
-)
+from regionclip_jax.inference.notebook import TINY_CONFIG
+
+TINY_CLIP = dict(TINY_CONFIG, embed_dim=32)
 
 
 def export_random_clip_rpn(directory, *, pre_nms_topk: int, post_nms_topk: int, nms_thresh: float):

@@ -96,38 +96,6 @@ def _check_settings(topk, pre_nms_topk, nms_thresh, min_size, max_size, canvas, 
             raise ValueError(f"canvas must be (Hc, Wc) with positive sides, got {canvas}")
 
 
-def load_proposal_rpn(
-    rpn: str | os.PathLike, *, topk: int, pre_nms_topk: int | None, nms_thresh: float
-) -> tuple[dict[str, Any], Callable]:
-    """Loads an offline RPN for proposal generation.
-
-    Args:
-      rpn: an `rpn` workdir, its export/ dir (rpn.json + params.npz) or a detectron2 RPN .pth.
-      topk, pre_nms_topk, nms_thresh: the RPN's post-NMS top-k, pre-NMS top-k per level (None:
-        the kind's detectron2 test default) and NMS IoU.
-
-    Returns:
-      (spec, propose) where `propose(images, image_hw)` takes uint8 `[B, Hc, Wc, 3]` RGB canvases
-      and int32 `[B, 2]` (h, w) and returns NumPy (boxes float32 `[B, topk, 4]` xyxy canvas
-      pixels, logits float32 `[B, topk]`, valid bool `[B, topk]`); jitted, one program per input
-      shape.
-
-    Raises:
-      FileNotFoundError: nothing usable at `rpn`.
-      ValueError: a file that is not an RPN, or weights that do not fit its rpn.json.
-    """
-    from regionclip_jax.train import rpn_trainer
-
-    spec, propose_on_device = rpn_trainer.load_offline_rpn(
-        rpn, pre_nms_topk=pre_nms_topk, post_nms_topk=topk, nms_thresh=nms_thresh
-    )
-
-    def propose(images: np.ndarray, image_hw: np.ndarray):
-        return propose_on_device(images, image_hw)
-
-    return spec, propose
-
-
 def _prepare(
     index: int,
     record: dict[str, Any],
@@ -258,8 +226,10 @@ def add_proposals(
             f"{os.path.join(out_dir, MANIFEST_NAME)} exists: shards were already written there "
             "(pass overwrite=True / --overwrite to replace them)"
         )
-    spec, propose = load_proposal_rpn(
-        rpn, topk=topk, pre_nms_topk=pre_nms_topk, nms_thresh=nms_thresh
+    from regionclip_jax.train import rpn_trainer  # loads jax/flax only when there is work
+
+    spec, propose = rpn_trainer.load_offline_rpn(
+        rpn, pre_nms_topk=pre_nms_topk, post_nms_topk=topk, nms_thresh=nms_thresh
     )
     if canvas is not None and spec.get("kind") == "fpn" and (canvas[0] % 32 or canvas[1] % 32):
         raise ValueError(f"an FPN RPN needs a canvas divisible by 32, got {canvas}")
