@@ -14,9 +14,10 @@ the train classes of the detection data, as the original's OVD RPNs; "all") are 
 
 After training, `WORKDIR/export/` holds `rpn.json` (architecture) and `params.npz` (weights):
 pass WORKDIR (or the export dir) as `detect.rpn_init`, or as `rpn=` of the zero-shot recognizer
-(`inference.RegionCLIP`) and of `add-proposals`, which load it with `load_offline_rpn`). `proposal_recall` measures the
-recall of the proposals on the evaluation set, base and novel classes separately (the novel
-recall says whether the class-agnostic RPN generalises beyond its training classes).
+(`inference.RegionCLIP`) and of `add-proposals`, which load it with `load_offline_rpn`.
+`proposal_recall` measures the recall of the proposals on the evaluation set, base and novel
+classes separately (the novel recall says whether the class-agnostic RPN generalises beyond its
+training classes).
 """
 
 from __future__ import annotations
