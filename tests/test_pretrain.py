@@ -72,7 +72,11 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
-    """A tiny random CLIP saved with save_clip (seed 7, unlike the trainer's own init)."""
+    """A tiny random CLIP saved with save_clip (seed 7, unlike the trainer's own init).
+
+    It stands for a trained CLIP: the residual blocks' last norm scales are set to 1 (a from-scratch
+    init zeroes them, and pretraining keeps every norm's scale/bias frozen, as FrozenBN).
+    """
     from regionclip_jax.convert.checkpoint import save_clip
     from regionclip_jax.models.clip import CLIP
     from regionclip_jax.models.presets import CLIPConfig
@@ -81,6 +85,14 @@ def init_ckpt(tmp_path_factory):
     overrides = dict(cfg.model.overrides)
     overrides["vision_layers"] = tuple(overrides["vision_layers"])
     model = CLIP(CLIPConfig.from_dict(overrides), rngs=nnx.Rngs(7))
+    for layer in (
+        model.visual.layer1,
+        model.visual.layer2,
+        model.visual.layer3,
+        model.visual.layer4,
+    ):
+        for block in layer:
+            block.bn3.scale.value = jnp.ones_like(block.bn3.scale.value)
     d = tmp_path_factory.mktemp("init") / "clip"
     save_clip(model, d)
     return str(d)
@@ -108,20 +120,26 @@ def test_init_from_checkpoint_freezes_teacher_text_stem_layer1_and_loss_decrease
     for k, v in ck.items():
         if k.startswith("visual/"):
             np.testing.assert_array_equal(params["teacher/" + k[len("visual/") :]], v, err_msg=k)
-    # The student started from the checkpoint: frozen parts are still equal to it, trained parts
-    # moved.
+    # The student started from the checkpoint: frozen parts (text tower, stem, layer1, every norm's
+    # scale/bias, as detectron2's FrozenBN buffers) are still equal to it, trained parts moved.
+    import re
+
+    is_norm = re.compile(r"(^|/)(bn\d|downsample/1)/").search
     frozen = [
         k
         for k in ck
         if not k.startswith("visual/")
         or k.startswith(("visual/conv", "visual/bn", "visual/layer1/"))
+        or is_norm(k)
     ]
     trained = [
         k
         for k in ck
         if k.startswith(("visual/layer2/", "visual/layer3/", "visual/layer4/", "visual/attnpool/"))
+        and not is_norm(k)
     ]
     assert len(frozen) > 10 and len(trained) > 10
+    assert any(is_norm(k) and k.startswith("visual/layer4/") for k in frozen)
     for k in frozen:
         np.testing.assert_array_equal(params["student/" + k], ck[k], err_msg=k)
     moved = [k for k in trained if not np.array_equal(params["student/" + k], ck[k])]
@@ -162,15 +180,18 @@ def test_frozen_patterns_follow_detectron2_freeze_at():
     paths = ["student/visual/conv1/kernel", "student/visual/bn3/scale",
              "student/visual/layer1/0/conv1/kernel", "student/visual/layer2/0/conv1/kernel",
              "student/transformer/resblocks/0/attn/in_proj/kernel", "student/logit_scale",
-             "teacher/layer4/0/conv1/kernel", "student/visual/attnpool/q_proj/kernel"]  # fmt: skip
+             "teacher/layer4/0/conv1/kernel", "student/visual/attnpool/q_proj/kernel",
+             # FrozenBN scale/bias (buffers in detectron2) and a downsample branch's norm
+             "student/visual/layer3/0/bn2/bias", "student/visual/layer4/0/downsample/1/scale",
+             "student/visual/layer4/0/downsample/0/kernel"]  # fmt: skip
 
     def frozen(freeze_at):
         pats = [re.compile(p) for p in pretrain_trainer.frozen_patterns(freeze_at)]
         return {p for p in paths if any(r.search(p) for r in pats)}
 
-    always = {paths[4], paths[5], paths[6]}
+    always = {paths[1], paths[4], paths[5], paths[6], paths[8], paths[9]}
     assert frozen(0) == always
-    assert frozen(1) == always | set(paths[:2])
+    assert frozen(1) == always | {paths[0]}
     assert frozen(2) == always | set(paths[:3])
     assert frozen(3) == always | set(paths[:4])
 
