@@ -67,6 +67,7 @@ def load_common():
 def get_config(arg: str | None = None):
     common = load_common()
     rpn_module = common.load_config_module("rpn_shapesworld")
+    pretrain_module = common.load_config_module("pretrain_shapesworld")
     a = common.parse_arg(
         arg,
         runlocal=False,
@@ -76,6 +77,7 @@ def get_config(arg: str | None = None):
         steps=400,
         batch=16,
         lr=0.002,
+        tau=pretrain_module.TEMPERATURE,
         zeroshot=False,
         novel_weight=rpn_module.COCO_LIKE_NOVEL_WEIGHT,
     )
@@ -90,7 +92,7 @@ def get_config(arg: str | None = None):
     t.rpn_init = a.rpn
     t.rois_per_image = 64
     t.positive_fraction = 0.25
-    t.temperature = 0.01
+    t.temperature = a.tau  # the ShapesWorld τ, as in pretraining (the paper: 0.01 in both)
     t.freeze_at = 2
     t.soft_nms = True
     t.topk = 100

@@ -21,7 +21,8 @@ is trained after pretraining, from the teacher.
 Concept pool: the nouns of the training captions with count >= 100 (the paper's rule).
 
 Optimiser: the original's (SGD momentum 0.9, weight decay 1e-4, linear warmup, steps x0.1,
-per-parameter gradient-norm clipping at 5.0, stem + layer1 frozen). Learning rate 0.01 at batch
+per-parameter gradient-norm clipping at 5.0, stem + layer1 frozen, every norm's scale/bias frozen as
+detectron2's FrozenBN buffers). Learning rate 0.01 at batch
 32 for 600 steps on 4,000 scenes (the paper's rule would give 0.002 x 32 / 96 = 0.00067, which
 barely moves a from-scratch ShapesWorld model in minutes); other batch sizes scale it linearly.
 
@@ -41,6 +42,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+
+# The ShapesWorld τ, used "everywhere" as the paper uses 0.01 everywhere (pretraining, fine-tuning,
+# zero-shot): 0.05, near the teacher CLIP's learned temperature (1 / exp(logit_scale) = 0.057 for the
+# demo's teacher), where the paper's 0.01 is OpenAI CLIP's (logit scale 100).
+# configs/detect_shapesworld.py reads it from here.
+TEMPERATURE = 0.05
 
 
 def load_common():
@@ -94,7 +101,7 @@ def get_config(arg: str | None = None):
     c.pretrain.concepts = ""  # frequent caption nouns
     c.pretrain.concept_min_count = 100
     c.pretrain.group_size = 0
-    c.pretrain.temperature = c.pretrain.teacher_temperature = 0.05
+    c.pretrain.temperature = c.pretrain.teacher_temperature = TEMPERATURE
     # The image-text loss is the only source of knowledge the teacher lacks: weighted up (exp6).
     c.pretrain.loss_weights = (1.0, 1.0, 8.0)
 

@@ -232,6 +232,15 @@ def test_detection_configs_are_the_papers_schedule_and_scale_with_the_batch(
     assert tuple(big.optim.decay_steps) == tuple(d // 4 for d in decay)
 
 
+def test_shapesworld_uses_one_temperature_everywhere_as_the_paper():
+    # The paper: τ 0.01 in pretraining, fine-tuning and zero-shot inference; ShapesWorld: its own τ.
+    tau = _load("pretrain_shapesworld").get_config().pretrain.temperature
+    assert tau == _load("pretrain_shapesworld").get_config().pretrain.teacher_temperature
+    assert _load("detect_shapesworld").get_config().detect.temperature == tau
+    assert _load("detect_shapesworld").get_config("zeroshot").detect.temperature == tau
+    assert _load("detect_shapesworld").get_config("tau=0.01").detect.temperature == 0.01
+
+
 def test_custom_detection_config_needs_only_the_json(tmp_path):
     c = _load("detect_custom").get_config()
     with pytest.raises(ConfigError, match=r"detect\.train_json"):
