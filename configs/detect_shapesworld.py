@@ -39,8 +39,8 @@ novel / base, student vs teacher init; the demo's teacher, student and RPN unles
   zero-shot, no fine-tuning (τ 0.05)      30.2 / 18.1   vs   8.4 /  7.1
 So the region-pretrained student beats the teacher on novel shapes after base-class fine-tuning in
 every run of the default (+2.6 to +6.4), and also beats the teacher fine-tuned at the τ that suits
-the teacher better (0.01: 18.5), narrowly for two of the three pretraining seeds. At τ 0.01 the student, trained at 0.05, loses its novel-shape lead
-(13.4): it confuses the three novel shapes with one another. With the default it still calls 34 of
+the teacher better (0.01: 18.5), narrowly for two of the three pretraining seeds. At τ 0.01 the
+student, trained at 0.05, loses its novel-shape lead (13.4): it confuses the three novel shapes with one another. With the default it still calls 34 of
 64 crosses "heart" (the teacher: 17 "heart", 19 "star"), but gets 36 of 54 stars and 54 of 62
 hearts right (`python -m regionclip_jax.eval.confusion --gt DATA/annotations/instances_val.json
 --detections WORKDIR/eval/400 --split novel`).

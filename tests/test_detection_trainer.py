@@ -75,3 +75,23 @@ def test_zero_shot_with_gt_boxes(tmp_path):
     result = detection_trainer.run(cfg, str(tmp_path / "zs"))
     assert result.step == 0 and {"AP50/novel", "AP50/base", "AP"} <= set(result.metrics)
     assert os.path.isfile(tmp_path / "zs" / "eval" / "metrics.json")
+
+
+def test_frozen_patterns_freeze_every_norm_and_the_stages_of_freeze_at():
+    import re
+
+    paths = {
+        "detector/visual/bn1/scale": (True, True),  # (frozen at freeze_at 0, at 2)
+        "detector/visual/conv1/kernel": (False, True),
+        "detector/visual/layer1/0/conv1/kernel": (False, True),
+        "detector/visual/layer2/0/bn3/bias": (True, True),
+        "detector/visual/layer3/0/downsample/1/scale": (True, True),
+        "detector/visual/layer3/0/downsample/0/kernel": (False, False),
+        "detector/visual/attnpool/c_proj/kernel": (False, False),
+        "detector/train_embeddings": (True, True),
+        "rpn/head/conv/kernel": (True, True),
+    }
+    for i, freeze_at in enumerate((0, 2)):
+        pats = [re.compile(p) for p in detection_trainer.frozen_patterns(freeze_at)]
+        got = {p: any(r.search(p) for r in pats) for p in paths}
+        assert got == {p: v[i] for p, v in paths.items()}, freeze_at

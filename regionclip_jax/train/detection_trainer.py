@@ -63,13 +63,11 @@ def clip_normalize(images: jax.Array, image_hw: jax.Array) -> jax.Array:
 
 def frozen_patterns(freeze_at: int) -> tuple[str, ...]:
     """Parameters the detection fine-tuning never updates, as regexes over '/'-joined paths."""
-    # detectron2's FrozenBN keeps scale/bias as buffers: the original never trains them, in any
-    # stage (ours are parameters so that from-scratch ShapesWorld CLIPs can learn them).
     return (
-        r"^rpn/",
-        r"^detector/(train|test)_embeddings",
-        r"^detector/visual/.*/(bn\d|downsample/1)/",
-    ) + optim.resnet_freeze_patterns("detector/visual", freeze_at)
+        (r"^rpn/", r"^detector/(train|test)_embeddings")
+        + optim.resnet_norm_patterns("detector/visual")
+        + optim.resnet_freeze_patterns("detector/visual", freeze_at)
+    )
 
 
 class DetectionModel(nnx.Module):

@@ -115,6 +115,13 @@ def resnet_freeze_patterns(prefix: str, freeze_at: int) -> tuple[str, ...]:
     return tuple(out + [rf"^{prefix}/layer{i}/" for i in range(1, min(freeze_at, 5))])
 
 
+def resnet_norm_patterns(prefix: str) -> tuple[str, ...]:
+    """Regexes of every norm's scale/bias in the ModifiedResNet at path `prefix` (stem, blocks and
+    downsample branches). detectron2's FrozenBN keeps them as buffers, so the original never trains
+    them; ours are parameters (so that from-scratch ShapesWorld CLIPs can learn them)."""
+    return (rf"^{prefix}/(.*/)?(bn\d|downsample/1)/",)
+
+
 def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
     """Tree of bools like `params`: True where a freeze regex matches the parameter's path."""
     compiled = [re.compile(p) for p in patterns]

@@ -53,15 +53,13 @@ from regionclip_jax.train import state as state_lib
 
 DTYPES = clip_trainer.DTYPES
 
-# Parameters the original never updates (spec §4.6), as regexes over '/'-joined paths. The
-# ResNet's norms are detectron2 FrozenBN there, whose scale/bias are buffers; ours are parameters (so
-# that from-scratch ShapesWorld CLIPs can learn them) and are frozen here as in detection fine-tuning.
+# Parameters the original never updates (spec §4.6), as regexes over '/'-joined paths; the
+# ResNet's norms are FrozenBN there.
 ALWAYS_FROZEN = (
     r"^teacher/",
     r"^student/(token_embedding|positional_embedding|transformer|ln_final|text_projection)",
     r"^student/logit_scale",
-    r"^student/visual/.*(bn\d|downsample/1)/",
-)
+) + optim.resnet_norm_patterns("student/visual")
 
 
 def frozen_patterns(freeze_at: int) -> tuple[str, ...]:
