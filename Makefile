@@ -1,22 +1,35 @@
 # Two commands (README): `make demo` sets up and runs the main job, `make test` sets up and runs the tests.
-# Each creates its own virtual environment; `make test-latest` is the second CI leg (Python 3.12, newest
-# jax/flax, no PyTorch references).
+# Each creates its own virtual environment; `make test-latest` is the second CI leg (Python 3.12, the
+# newest jax/flax as of the last `make bump-latest`, no PyTorch references).
+#
+# Every CI install is exact: leg 1 installs requirements-dev.txt (runtime pins + test tools) constrained
+# by requirements-lock.txt (every transitive package), leg 2 installs requirements-latest.txt (a lock).
+# So only a change of ours can turn CI red; upgrades are deliberate:
+#   make bump-latest   re-resolves the newest releases of requirements-latest.in, rewrites the lock, runs leg 2
+#   make lock          re-resolves leg 1 after a pin in requirements*.txt changed, rewrites its lock
 
 PYTHON ?= python3
 VENV ?= .venv
 REQS ?= requirements-dev.txt
+LOCK ?= requirements-lock.txt
 PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
+PIP := -m pip --disable-pip-version-check
 
 # pyenv shims need PYENV_VERSION; elsewhere the variable is ignored and python3.12 is found on PATH.
 PYTHON312 ?= env PYENV_VERSION=3.12.1 python3.12
+LATEST := PYTHON="$(PYTHON312)" VENV=.venv-latest REQS=requirements-latest.txt LOCK=
 
-.PHONY: setup demo test test-latest lint format ci clean aot-setup
+# Learning-test audit: every `learning` test with these seeds, margins over thresholds as a table.
+SEEDS ?= 0 1 2
 
-$(VENV)/.installed: $(REQS) requirements.txt pyproject.toml
+.PHONY: setup demo test test-latest lint format ci clean aot-setup bump-latest lock audit-learning \
+	audit-learning-latest
+
+$(VENV)/.installed: $(REQS) $(LOCK) requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r $(REQS)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) $(PIP) install --quiet -r $(REQS) $(if $(LOCK),-c $(LOCK))
+	$(PY) $(PIP) install --quiet --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -35,13 +48,44 @@ test: lint
 # results; the multi-process tests (several JAX processes over gloo), the `slow` end-to-end runs and the
 # 8-fake-device subprocess tests run in the first leg only, to keep CI well under 20 minutes on 2 cores.
 test-latest:
-	$(MAKE) test PYTHON="$(PYTHON312)" VENV=.venv-latest REQS=requirements-latest.txt \
-		PYTEST_ARGS='-m "not multiprocess and not slow and not multidevice"'
+	$(MAKE) test $(LATEST) PYTEST_ARGS='-m "not multiprocess and not slow and not multidevice"'
 
+# Newest releases of requirements-latest.in, resolved in a fresh Python 3.12 venv, written as exact pins
+# to requirements-latest.txt; then leg 2 runs on them. Run it at the start of every new piece of work and
+# whenever a change touches dependencies; commit the new lock with the fixes it needs.
+bump-latest:
+	rm -rf .venv-bump
+	$(PYTHON312) -m venv .venv-bump
+	.venv-bump/bin/python $(PIP) install --quiet -r requirements-latest.in
+	{ echo "# Lock of the newest-stack CI leg (Python 3.12): written by 'make bump-latest' on $$(date -u +%F)"; \
+	  echo "# from requirements-latest.in. Edit that file, not this one."; \
+	  .venv-bump/bin/python $(PIP) freeze --exclude-editable | LC_ALL=C sort -f; } > requirements-latest.txt
+	rm -rf .venv-bump .venv-latest
+	$(MAKE) test-latest
+
+# Leg 1's lock: requirements-dev.txt resolved in a fresh Python 3.11 venv, every package pinned.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python $(PIP) install --quiet -r requirements-dev.txt
+	{ echo "# Lock of the pinned CI leg (Python 3.11): every package requirements-dev.txt resolves to,"; \
+	  echo "# written by 'make lock' on $$(date -u +%F). Used as pip constraints (-c) by 'make setup'."; \
+	  .venv-lock/bin/python $(PIP) freeze --exclude-editable | LC_ALL=C sort -f; } > requirements-lock.txt
+	rm -rf .venv-lock
+
+audit-learning: setup
+	rm -f .learning-margins.jsonl
+	for s in $(SEEDS); do \
+	  REGIONCLIP_MARGINS=.learning-margins.jsonl $(PY) -m pytest -q -n 2 -m learning \
+	    --learning-seed=$$s $(PYTEST_ARGS) || exit 1; done
+	$(PY) tests/learning_margins.py .learning-margins.jsonl
+
+audit-learning-latest:
+	$(MAKE) audit-learning $(LATEST)
 
 # launch/aot_compile.py: compile the train step for TPU topologies on this CPU (benchmarks/aot_tpu.sh).
 aot-setup:
-	$(MAKE) setup VENV=.venv-tpu REQS=launch/requirements-tpu.txt
+	$(MAKE) setup VENV=.venv-tpu REQS=launch/requirements-tpu.txt LOCK=
 
 format: setup
 	$(PY) -m ruff format .
@@ -50,4 +94,4 @@ format: setup
 ci: test test-latest
 
 clean:
-	rm -rf .venv .venv-latest .venv-tpu .pytest_cache .ruff_cache
+	rm -rf .venv .venv-latest .venv-tpu .venv-bump .venv-lock .pytest_cache .ruff_cache
