@@ -78,24 +78,35 @@ def test_clip_loss_matches_numpy_reference(tmp_path, learn):
     assert (g != 0.0) == learn
 
 
-def test_tiny_clip_learns_shapesworld(tmp_path):
-    from regionclip_jax.data import shapesworld
+@pytest.mark.learning
+def test_tiny_clip_learns_shapesworld(tmp_path, learning_seed, report_margin):
+    """The tiny CLIP fits its 64 iconic training images far below chance.
 
-    data = tmp_path / "sw"
-    shapesworld.generate(data, num_train=32, num_val=16, seed=1, image_size=64)
-    cfg = _config(str(data), total_steps=40, log_every=1, checkpoint_every=0)
+    Its random init starts above chance (log 16 = 2.77, confident and wrong), sits on chance for
+    ~100 steps and then learns: the last 20 of 400 steps averaged 0.70 / 0.86 / 0.78 for seeds
+    0 / 1 / 2 (2 cores, 17 s; steps are ~10 ms, the compile dominates). A 40-step version of this
+    test only measured the fall from the init to chance, inside the noise of per-step losses."""
+    steps = 400
+    cfg = _config(
+        str(tmp_path / "sw"), total_steps=steps, log_every=1, checkpoint_every=0, seed=learning_seed
+    )
+    cfg.data.shapesworld.seed = learning_seed  # runlocal generates its data from this seed
     cfg.data.batch_size = 16
-    cfg.optim.update(lr=2e-3, warmup_steps=5, decay_steps=(), weight_decay=0.0)
+    cfg.optim.update(lr=1e-3, warmup_steps=5, decay_steps=(), weight_decay=0.0)
     result = clip_trainer.run(cfg, str(tmp_path / "w"))
     losses = np.array([result.losses[s] for s in sorted(result.losses)])
-    assert len(losses) == 40 and np.all(np.isfinite(losses))
-    # Chance is log(16) = 2.77; the tiny model must get clearly below where it started.
-    first, last = losses[:5].mean(), losses[-5:].mean()
+    assert len(losses) == steps and np.all(np.isfinite(losses))
+    chance = math.log(16)
+    first, last = losses[:5].mean(), losses[-20:].mean()
+    report_margin(first, 2.6, higher_is_better=True, what="first-5 loss (chance 2.77)")
+    report_margin(
+        last, chance - 1.0, higher_is_better=False, what="last-20 loss (chance - 1 = 1.77)"
+    )
     assert first > 2.6
-    assert last < first - 0.4, (first, last)
+    assert last < chance - 1.0, (first, last)
     assert "val_i2t_top1" in result.metrics
     # TensorBoard event file (tensorboardX) and JSONL next to the checkpoints.
     events = list((tmp_path / "w").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
-    assert len((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) == 40
+    assert len((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) == steps
     assert jax.device_count() == 1

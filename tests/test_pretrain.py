@@ -21,6 +21,7 @@ from flax import nnx
 from test_train_loop import apply_changes
 
 from regionclip_jax.train import pretrain_trainer
+from regionclip_jax.train import state as state_lib
 from regionclip_jax.train.config_validation import ConfigError, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,11 +57,11 @@ def tiny_pretrain_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def sw_dir(tmp_path_factory):
+def sw_dir(tmp_path_factory, learning_seed):
     from regionclip_jax.data import shapesworld
 
     d = tmp_path_factory.mktemp("sw_pre")
-    shapesworld.generate(d, num_train=96, num_val=0, seed=0, image_size=64)
+    shapesworld.generate(d, num_train=96, num_val=0, seed=learning_seed, image_size=64)
     return str(d)
 
 
@@ -71,8 +72,9 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def init_ckpt(tmp_path_factory):
-    """A tiny random CLIP saved with save_clip (seed 7, unlike the trainer's own init).
+def init_ckpt(tmp_path_factory, learning_seed):
+    """A tiny random CLIP saved with save_clip (seed 7 + the learning seed, unlike the trainer's
+    own init).
 
     It stands for a trained CLIP: the residual blocks' last norm scales are set to 1 (a from-scratch
     init zeroes them, and pretraining keeps every norm's scale/bias frozen, as FrozenBN).
@@ -84,7 +86,7 @@ def init_ckpt(tmp_path_factory):
     cfg = tiny_pretrain_config("/unused")
     overrides = dict(cfg.model.overrides)
     overrides["vision_layers"] = tuple(overrides["vision_layers"])
-    model = CLIP(CLIPConfig.from_dict(overrides), rngs=nnx.Rngs(7))
+    model = CLIP(CLIPConfig.from_dict(overrides), rngs=nnx.Rngs(7 + learning_seed))
     for layer in (
         model.visual.layer1,
         model.visual.layer2,
@@ -92,19 +94,48 @@ def init_ckpt(tmp_path_factory):
         model.visual.layer4,
     ):
         for block in layer:
-            block.bn3.scale.value = jnp.ones_like(block.bn3.scale.value)
+            block.bn3.scale[...] = jnp.ones_like(block.bn3.scale[...])
     d = tmp_path_factory.mktemp("init") / "clip"
     save_clip(model, d)
     return str(d)
 
 
+def _fixed_batch_loss(config, graphdef, params, rest, num_batches: int) -> tuple[float, dict]:
+    """Mean pretraining loss (and mean of each term) of the model `(graphdef, params, rest)` over
+    the first `num_batches` training batches.
+
+    The per-step training losses are each measured on another batch (they range over 12-28 in
+    the first 30 steps), which varies by more than the learning changes them; the same batches
+    before and after training isolate the learning."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    from regionclip_jax.train import clip_trainer
+
+    clip_trainer.prepare_shapesworld(config)
+    task = pretrain_trainer.PretrainTask(config, pretrain_trainer.concept_names(config))
+    spec = task.batch_spec(int(config.data.batch_size))
+    it = iter(task.dataset(0, 1))
+    batches = [{k: np.asarray(b[k]) for k in spec} for b, _ in zip(it, range(num_batches))]
+    getattr(it, "close", lambda: None)()
+
+    @jax.jit
+    def loss(params, batch, rng):
+        return task.loss(state_lib.merge(graphdef, params, rest), batch, rng, 0)
+
+    out = [loss(params, b, jax.random.PRNGKey(i)) for i, b in enumerate(batches)]
+    terms = {k: float(np.mean([o[1][k] for o in out])) for k in out[0][1]}
+    return float(np.mean([o[0] for o in out])), terms
+
+
+@pytest.mark.learning
 def test_init_from_checkpoint_freezes_teacher_text_stem_layer1_and_loss_decreases(
-    sw_dir, init_ckpt, tmp_path
+    sw_dir, init_ckpt, tmp_path, learning_seed, report_margin
 ):
     from regionclip_jax.convert.checkpoint import load_clip
-    from regionclip_jax.train import state as state_lib
 
-    cfg = tiny_pretrain_config(sw_dir, total_steps=30, log_every=1, checkpoint_every=0)
+    steps = 60
+    cfg = tiny_pretrain_config(
+        sw_dir, total_steps=steps, log_every=1, checkpoint_every=0, seed=learning_seed
+    )
     cfg.unlock()
     cfg.model.init = init_ckpt
     cfg.model.preset = ""
@@ -116,7 +147,7 @@ def test_init_from_checkpoint_freezes_teacher_text_stem_layer1_and_loss_decrease
     _, ck_params, ck_rest = state_lib.split_model(load_clip(init_ckpt))
     ck = _flat(ck_params)
     params = _flat(result.state["params"])
-    # The teacher is the checkpoint's image tower, untouched by 30 updates.
+    # The teacher is the checkpoint's image tower, untouched by the updates.
     for k, v in ck.items():
         if k.startswith("visual/"):
             np.testing.assert_array_equal(params["teacher/" + k[len("visual/") :]], v, err_msg=k)
@@ -152,8 +183,27 @@ def test_init_from_checkpoint_freezes_teacher_text_stem_layer1_and_loss_decrease
         np.testing.assert_array_equal(rest["student/" + k], v, err_msg=k)
 
     losses = [result.losses[s] for s in sorted(result.losses)]
-    assert len(losses) == 30 and all(np.isfinite(losses))
-    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+    assert len(losses) == steps and all(np.isfinite(losses))
+    # Learning: the same 8 batches (GT regions), before (the checkpoint as student) and after.
+    # The tiny random model's loss is mostly the image-text term (weight 8): its init is confidently
+    # wrong, above chance (log of the batch size); in these steps training takes that term most of
+    # the way down to chance, not below (the student starts equal to the teacher, so distillation
+    # can only rise). Measured over 3 seeds: after/before 0.77-0.81, 85-93 % of the image-text
+    # term's excess over chance removed. That the method beats its teacher is shown on ShapesWorld
+    # by `make demo` (README), not here.
+    init_params = dict(result.state["params"])
+    init_params["student"] = state_lib.like(init_params["student"], ck_params, "init")
+    args = (cfg, result.graphdef)
+    before, terms0 = _fixed_batch_loss(*args, init_params, result.state["rest"], 8)
+    after, terms1 = _fixed_batch_loss(*args, result.state["params"], result.state["rest"], 8)
+    chance = float(np.log(cfg.data.batch_size))
+    img_txt0, img_txt1 = terms0["loss_img_txt_level"], terms1["loss_img_txt_level"]
+    removed = (img_txt0 - img_txt1) / (img_txt0 - chance)
+    report_margin(after / before, 0.9, higher_is_better=False, what="fixed-batch loss after/before")
+    report_margin(removed, 0.5, higher_is_better=True, what="image-text excess over chance removed")
+    assert img_txt0 > chance + 0.1, terms0  # there is something to learn
+    assert after < 0.9 * before, (before, after, terms0, terms1, losses)
+    assert removed > 0.5, (terms0, terms1)
     for key in ("loss_region_distill", "loss_concept_contrastive", "loss_img_txt_level"):
         assert np.isfinite(result.metrics[key])
 
