@@ -50,28 +50,30 @@ test: lint
 test-latest:
 	$(MAKE) test $(LATEST) PYTEST_ARGS='-m "not multiprocess and not slow and not multidevice"'
 
-# Newest releases of requirements-latest.in, resolved in a fresh Python 3.12 venv, written as exact pins
-# to requirements-latest.txt; then leg 2 runs on them. Run it at the start of every new piece of work and
-# whenever a change touches dependencies; commit the new lock with the fixes it needs.
+# $(call resolve,PYTHON,REQUIREMENTS,LOCK): install REQUIREMENTS into a fresh venv of PYTHON and write
+# every package it resolved to, as exact pins, to LOCK (with a header naming the target and the day).
+define resolve
+	rm -rf .venv-resolve
+	$(1) -m venv .venv-resolve
+	.venv-resolve/bin/python $(PIP) install --quiet -r $(2)
+	{ echo "# Exact pins of every package $(2) resolves to: written by 'make $@' on $$(date -u +%F)."; \
+	  echo "# Edit $(2) and rerun 'make $@'; never this file."; \
+	  .venv-resolve/bin/python $(PIP) freeze --exclude-editable | LC_ALL=C sort -f; } > $(3)
+	rm -rf .venv-resolve
+endef
+
+# Leg 2's lock: the newest releases of requirements-latest.in (Python 3.12); then leg 2 runs on them.
+# Run it at the start of every new piece of work and whenever a change touches dependencies; commit
+# the new lock with the fixes it needs.
 bump-latest:
-	rm -rf .venv-bump
-	$(PYTHON312) -m venv .venv-bump
-	.venv-bump/bin/python $(PIP) install --quiet -r requirements-latest.in
-	{ echo "# Lock of the newest-stack CI leg (Python 3.12): written by 'make bump-latest' on $$(date -u +%F)"; \
-	  echo "# from requirements-latest.in. Edit that file, not this one."; \
-	  .venv-bump/bin/python $(PIP) freeze --exclude-editable | LC_ALL=C sort -f; } > requirements-latest.txt
-	rm -rf .venv-bump .venv-latest
+	$(call resolve,$(PYTHON312),requirements-latest.in,requirements-latest.txt)
+	rm -rf .venv-latest
 	$(MAKE) test-latest
 
-# Leg 1's lock: requirements-dev.txt resolved in a fresh Python 3.11 venv, every package pinned.
+# Leg 1's lock (Python 3.11), used as pip constraints (-c) by 'make setup': rerun after a pin in
+# requirements*.txt changed.
 lock:
-	rm -rf .venv-lock
-	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python $(PIP) install --quiet -r requirements-dev.txt
-	{ echo "# Lock of the pinned CI leg (Python 3.11): every package requirements-dev.txt resolves to,"; \
-	  echo "# written by 'make lock' on $$(date -u +%F). Used as pip constraints (-c) by 'make setup'."; \
-	  .venv-lock/bin/python $(PIP) freeze --exclude-editable | LC_ALL=C sort -f; } > requirements-lock.txt
-	rm -rf .venv-lock
+	$(call resolve,$(PYTHON),requirements-dev.txt,requirements-lock.txt)
 
 audit-learning: setup
 	rm -f .learning-margins.jsonl
@@ -94,4 +96,4 @@ format: setup
 ci: test test-latest
 
 clean:
-	rm -rf .venv .venv-latest .venv-tpu .venv-bump .venv-lock .pytest_cache .ruff_cache
+	rm -rf .venv .venv-latest .venv-tpu .venv-resolve .pytest_cache .ruff_cache

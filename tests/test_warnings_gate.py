@@ -40,7 +40,9 @@ def test_a_real_flax_deprecation_fails():
         v.value = jnp.zeros(2)
 
 
-@pytest.mark.parametrize("module, fails", [("flax.nnx.graph", True), ("tensorflow_datasets", False)])
+@pytest.mark.parametrize(
+    "module, fails", [("flax.nnx.graph", True), ("tensorflow_datasets", False)]
+)
 def test_subprocesses_apply_the_same_filters(module, fails):
     """Python processes started by the tests (main.py runs, fake devices, several JAX processes)
     inherit the filters through tests/subprocess_warnings/sitecustomize.py."""
