@@ -129,6 +129,8 @@ def _base():
         (lambda c: c.model.overrides.__setitem__("vision_widht", 8), "model"),
         (lambda c: c.mesh.__setitem__("data", 3), "mesh"),
         (lambda c: c.mesh.__setitem__("pipeline", 1), "mesh.pipeline"),
+        (lambda c: c.data.__setitem__("context_length", 0), "data.context_length"),
+        (lambda c: c.data.__setitem__("context_length", 1), "data.context_length"),
     ],
 )
 def test_bad_configs_name_the_key(edit, key):

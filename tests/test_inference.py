@@ -8,6 +8,7 @@ closed-form background probability of spec §3. Tiny models and small canvases k
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -275,3 +276,13 @@ def test_bad_inputs(model, setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert parse_vocabulary(str(words)) == ["cat", "dog"]
+    # A path-like string that is no file is an error naming it, not a one-class vocabulary.
+    for missing in (str(tmp / "wrods.txt"), "wrods.txt", "vocab/words"):
+        with pytest.raises(
+            FileNotFoundError, match=f"vocabulary file {re.escape(missing)} not found"
+        ):
+            parse_vocabulary(missing)
+    assert parse_vocabulary("dog.png,") == ["dog.png"]  # the documented way to mean the word
+    assert parse_vocabulary(["vocab/words"]) == ["vocab/words"]
+    assert parse_vocabulary("st. bernard") == ["st. bernard"]  # words with dots stay words
+    assert parse_vocabulary("cat") == ["cat"]

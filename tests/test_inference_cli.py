@@ -103,6 +103,7 @@ def test_classify_many_images_with_vis(env, capsys):
         ({"--boxes": "outside.json"}, "outside the 120x90"),
         ({"--boxes": "degenerate.json"}, "degenerate"),
         ({"--vocabulary": " , "}, "vocabulary is empty"),
+        ({"--vocabulary": "words_typo.txt"}, "vocabulary file words_typo.txt not found"),
         ({"--boxes": None}, "needs an offline RPN"),
     ],
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,11 +26,25 @@ def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]
 
     Args:
       vocabulary: a list of words; a path to a text file (one word per line, blank lines and
-        lines starting with '#' skipped); or a comma-separated string ("cat,dog").
+        lines starting with '#' skipped); or a comma-separated string ("cat,dog"). A string
+        without a comma that looks like a path (it contains '/' or '\\', or is one token ending
+        in an extension such as `words.txt`) must be an existing file: a mistyped file name is an
+        error, not a one-class vocabulary. To use such a string as a word, add a comma
+        ("dog.png,") or pass a list.
 
     Raises:
+      FileNotFoundError: a path-like vocabulary that is not a file.
       ValueError: no words.
     """
+    if (
+        isinstance(vocabulary, str)
+        and not os.path.isfile(vocabulary)
+        and _looks_like_path(vocabulary)
+    ):
+        raise FileNotFoundError(
+            f"vocabulary file {vocabulary} not found (to use the text as a class name, add a "
+            f"comma: '{vocabulary.strip()},')"
+        )
     if isinstance(vocabulary, os.PathLike) or (
         isinstance(vocabulary, str) and os.path.isfile(vocabulary)
     ):
@@ -63,6 +78,15 @@ def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]
             f"{where}: dropped duplicate words {sorted(set(dupes))}", UserWarning, stacklevel=2
         )
     return list(seen)
+
+
+# One token (no spaces) ending in a 1-5 character extension: `words.txt`, `vocab.json`.
+_FILE_NAME = re.compile(r"[^\s,]+\.[A-Za-z0-9]{1,5}")
+
+
+def _looks_like_path(value: str) -> bool:
+    value = value.strip()
+    return "," not in value and ("/" in value or "\\" in value or bool(_FILE_NAME.fullmatch(value)))
 
 
 def default_cache_dir() -> Path:

@@ -331,6 +331,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             f"CLIP training feeds whole canvases to the model: canvas {tuple(d.canvas)} must be "
             f"({res}, {res}) = model image_resolution",
         )
+    if int(d.context_length) < 2:
+        _fail("data.context_length", f"must be >= 2 (start and end tokens), got {d.context_length}")
     if int(d.context_length) > clip_cfg.context_length:
         _fail(
             "data.context_length",
