@@ -8,6 +8,7 @@ Every run is `python -m regionclip_jax.main` in subprocesses, as a user would st
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -171,5 +172,6 @@ def test_a_failing_process_ends_the_job_with_a_message(sw_dir, tmp_path):
     assert "process 1 of 2 failed: RuntimeError: debug.fail_at_step" in err1
     # Process 0 does not hang: it stops on the lost peer or on the missed heartbeats.
     assert rc0 != 0
-    assert "another task died" in err0 or "Connection closed by peer" in err0, err0[-2000:]
+    # Gloo words the lost peer by how its socket ended (a close or a reset: a race of the exit).
+    assert re.search(r"another task died|Connection (closed|reset) by peer", err0), err0[-2000:]
     assert seconds < 240
