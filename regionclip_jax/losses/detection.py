@@ -83,9 +83,6 @@ def fast_rcnn_classification_loss(
     y = jnp.where(ok, y, 0)
 
     onehot = jax.nn.one_hot(y, z.shape[-1], dtype=bool)
-    # Logits shifted by their max first (the log_softmax form): logsumexp(z) − z_y of unshifted
-    # logits of scale 1/τ would cancel the low bits of a small loss.
-    z = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
     lse = jax.nn.logsumexp(z, axis=-1)
     z_y = jnp.sum(jnp.where(onehot, z, 0.0), axis=-1)
     ce = lse - z_y

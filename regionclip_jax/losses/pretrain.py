@@ -19,8 +19,7 @@ per device of the original run (96 / 32 = 3) to mimic its negatives exactly.
 
 Deviations (numerics only, same function where the original is finite):
 - `log(softmax(x))` is computed as `log_softmax(x)` and the MIL term as a difference of
-  `logsumexp`s of max-shifted logits; the original's literal forms give -inf/nan when a probability
-  underflows in fp32.
+  `logsumexp`s; the original's literal forms give -inf/nan when a probability underflows in fp32.
 - Normalisation uses `max(||x||, 1e-12)` so padded all-zero rows stay finite.
 - Padded regions/images are dropped with masks; in the original they do not exist.
 - The image-text loss is computed on the global batch (one `jit` over all devices, or all-gathered
@@ -181,9 +180,6 @@ def concept_contrastive_loss(
     col = group_images(keep, group_size)[:, None, :]  # [G, 1, gR]
 
     s = jnp.einsum("gid,gjd->gij", v, t, precision=_HI) / temperature
-    # Shifted by each row's max first (as log_softmax does): with logits of scale 1/τ, a difference
-    # of two large logsumexps would cancel the low bits of a small loss.
-    s = s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     pos = col & (y[:, :, None] == y[:, None, :])
     lse_all = jax.nn.logsumexp(jnp.where(col, s, NEG_INF), axis=-1)
     lse_pos = jax.nn.logsumexp(jnp.where(pos, s, NEG_INF), axis=-1)
@@ -217,10 +213,9 @@ def image_text_contrastive_loss(
     s = jnp.einsum("id,jd->ij", g, e, precision=_HI) / temperature
     pair = valid[:, None] & valid[None, :]
     s = jnp.where(pair, s, NEG_INF)
-    # −log_softmax, not logsumexp(s) − s_ii: with logits of scale 1/τ the latter cancels the low bits
-    # of a small loss (the original's cross_entropy is the log_softmax form too).
-    row = -jnp.diagonal(jax.nn.log_softmax(s, axis=1))  # image -> text
-    col = -jnp.diagonal(jax.nn.log_softmax(s, axis=0))  # text -> image
+    diag = jnp.diagonal(s)
+    row = jax.nn.logsumexp(s, axis=1) - diag  # image -> text
+    col = jax.nn.logsumexp(s, axis=0) - diag  # text -> image
     return 0.5 * (masked_mean(row, valid) + masked_mean(col, valid))
 
 
