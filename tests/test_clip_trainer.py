@@ -84,8 +84,8 @@ def test_tiny_clip_learns_shapesworld(tmp_path, learning_seed, report_margin):
 
     Its random init starts above chance (log 16 = 2.77, confident and wrong), sits on chance for
     ~100 steps and then learns: the last 20 of 400 steps averaged 0.70 / 0.86 / 0.78 for seeds
-    0 / 1 / 2 (2 cores, 17 s; steps are ~10 ms, the compile dominates). A 40-step version of this
-    test only measured the fall from the init to chance, inside the noise of per-step losses."""
+    0 / 1 / 2 (17 s alone on 2 cores: steps take ~10 ms, the compile dominates). A 40-step version
+    of this test only measured the fall from the init to chance, inside per-step loss noise."""
     steps = 400
     cfg = _config(
         str(tmp_path / "sw"), total_steps=steps, log_every=1, checkpoint_every=0, seed=learning_seed
