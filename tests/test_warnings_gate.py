@@ -34,7 +34,7 @@ def test_other_deprecations_stay_warnings(module):
 
 
 def test_a_real_flax_deprecation_fails():
-    """flax NNX's `Variable.value` is deprecated (use `v[...]`); the warning names our line."""
+    """flax NNX's `Variable.value` setter is deprecated (use `v[...] =`): raised inside flax."""
     v = nnx.Param(jnp.ones(2))
     with pytest.raises(DeprecationWarning, match="value"):
         v.value = jnp.zeros(2)
