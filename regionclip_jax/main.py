@@ -6,17 +6,22 @@
 The config's `mode` picks the trainer (`clip`: image-level CLIP; `pretrain`: RegionCLIP
 region-text pretraining). Running the same command again
 resumes from the last checkpoint in DIR. Exit status: 0 done or stopped by SIGTERM after
-writing a checkpoint (preemption), 1 failed (bad config, NaN/Inf).
+writing a checkpoint (preemption), 1 failed (NaN/Inf, a config without `mode`, an error), 2 invalid
+config: every error, one line each (`config.optim.lr: must be a finite number > 0, got nan`), on
+stderr before any data is generated or anything compiled.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+_EXIT_INVALID_CONFIG = 2
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (`get_config(arg)`), e.g. configs/x.py:runlocal."
@@ -90,6 +95,9 @@ def main(argv: list[str]) -> None:
         )
 
     try:
+        # Every config error at once, before any data generation or compilation (the trainers
+        # validate again after filling in data paths; validation is cheap and has no effects).
+        config_validation.validate(config, jax.device_count(), jax.process_count())
         if mode == "clip":
             from regionclip_jax.train import clip_trainer
 
@@ -111,8 +119,8 @@ def main(argv: list[str]) -> None:
                 f"config.mode: unknown mode {mode!r}; valid: {config_validation.MODES}"
             )
     except config_validation.ConfigError as e:
-        print(f"invalid config: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(e, file=sys.stderr, flush=True)  # "invalid config (N errors):" + one line each
+        sys.exit(_EXIT_INVALID_CONFIG)
     except loop.NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         sys.exit(1)
@@ -138,6 +146,42 @@ def main(argv: list[str]) -> None:
     print(f"done: step {result.step} in {result.seconds:.1f}s; final metrics {result.metrics}")
 
 
+def _override_error(argv: list[str], error: Exception) -> str | None:
+    """`config.KEY: ...` for a bad `--config.KEY=VALUE` override, else None."""
+    text = str(error)
+    overrides = [a[2:].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    m = re.search(r"flag --(config\.[\w.]+)=\S*: (.*)", text)
+    if m:  # a value of the wrong type ("could not convert string to float: 'x'")
+        return f"{m.group(1)}: {m.group(2)}"
+    m = re.search(r"Did you mean \\?\"(\w+)\\?\" instead of \\?\"(\w+)\\?\"", text)
+    if m is None:
+        m = re.search(r"'(\w+)'", text) if isinstance(error, AttributeError | KeyError) else None
+    missing = m.group(m.lastindex) if m else None
+    for path in overrides:
+        parts = path.split(".")
+        if missing in parts:  # the first unknown part of the dotted key
+            hint = f"did you mean {m.group(1)!r}?" if m.lastindex == 2 else "typo?"
+            key = ".".join(parts[: parts.index(missing) + 1])
+            return f"{key}: unknown key (not in the config; {hint})"
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, where a bad `--config.KEY=VALUE` override is an invalid config."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as e:
+        line = _override_error(argv, e)
+        if line is not None:
+            print(f"invalid config (1 error):\n{line}", file=sys.stderr, flush=True)
+            sys.exit(_EXIT_INVALID_CONFIG)
+        if not isinstance(e, flags.Error):
+            raise
+        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

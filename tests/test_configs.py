@@ -193,8 +193,8 @@ def test_command_line_override_of_unknown_key_fails_naming_it(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
-    assert "lrr" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "config.optim.lrr: unknown key" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -252,3 +252,214 @@ def test_custom_detection_config_needs_only_the_json(tmp_path):
     # What is left to provide is the model (a converted checkpoint), not more paths.
     with pytest.raises(ConfigError, match=r"config\.model\.init"):
         validate(c, num_devices=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every field: type, finiteness and range; all errors at once, one line each.
+
+
+def _edited(edits: dict) -> ml_collections.ConfigDict:
+    """clip_shapesworld:runlocal with dotted keys set in its dict form (no ConfigDict type checks:
+    the route of a config file that returns a plain dict, or of a command-line override)."""
+    d = _base().to_dict()
+    for key, value in edits.items():
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return ml_collections.ConfigDict(d)
+
+
+NAN, INF = float("nan"), float("inf")
+
+BAD_FIELDS = [
+    # NaN: passes every `<= 0` / `< 0` test.
+    ("optim.lr", NAN, "a finite number > 0"),
+    ("optim.momentum", NAN, "a finite number in [0, 1)"),
+    ("optim.eps", NAN, "a finite number > 0"),
+    ("optim.weight_decay", NAN, "a finite number >= 0"),
+    ("optim.clip_grad_norm", NAN, "a finite number >= 0"),
+    ("loss.temperature", NAN, "a finite number > 0"),
+    ("pretrain.temperature", NAN, "a finite number > 0"),
+    ("pretrain.teacher_temperature", NAN, "a finite number > 0"),
+    ("detect.temperature", NAN, "a finite number > 0"),
+    ("detect.score_thresh", NAN, "a finite number in [0, 1]"),
+    ("data.shapesworld.color_mention", NAN, "a finite number in [0, 1]"),
+    ("pretrain.loss_weights", (1.0, NAN, 1.0), "3 finite numbers >= 0"),
+    # inf.
+    ("optim.lr", INF, "a finite number > 0"),
+    ("optim.lr", -INF, "a finite number > 0"),
+    ("optim.weight_decay", INF, "a finite number >= 0"),
+    ("optim.beta1", INF, "a finite number in [0, 1)"),
+    ("optim.clip_grad_norm", INF, "a finite number >= 0"),
+    ("loss.max_logit_scale", INF, "a finite number > 0"),
+    ("debug.step_sleep", INF, "a finite number >= 0"),
+    ("rpn.anchor_sizes", (32.0, INF), "finite numbers > 0"),
+    # Negative, zero or out of range.
+    ("optim.weight_decay", -1.0, "a finite number >= 0"),
+    ("optim.momentum", -0.1, "a finite number in [0, 1)"),
+    ("optim.momentum", 1.0, "a finite number in [0, 1)"),
+    ("optim.beta2", 1.0, "a finite number in [0, 1)"),
+    ("optim.eps", 0.0, "a finite number > 0"),
+    ("optim.warmup_factor", -0.1, "a finite number in [0, 1]"),
+    ("optim.decay_factor", 0.0, "a finite number in (0, 1]"),
+    ("detect.nms_thresh", -0.5, "a finite number in [0, 1]"),
+    ("detect.score_thresh", 1.5, "a finite number in [0, 1]"),
+    ("data.shapesworld.size_mention", 1.5, "a finite number in [0, 1]"),
+    ("data.num_workers", -1, "an integer >= 0"),
+    ("seed", -1, "an integer >= 0"),
+    ("eval_every", -1, "an integer >= 0"),
+    ("pretrain.num_regions", 0, "an integer >= 1"),
+    ("detect.rois_per_image", 0, "an integer >= 1"),
+    ("keep_checkpoints", 1, "an integer >= 2"),
+    ("rpn.depth", 34, "one of (50, 101, 152)"),
+    ("data.shapesworld.image_size", 16, "an integer >= 32"),
+    ("data.max_size", 32, "0 (no cap) or >= data.min_size (64)"),
+    ("data.shapesworld.max_objects", 0, "an integer >= 1"),
+    ("data.shapesworld.small_size", (0.3, 0.2), "min <= max"),
+    ("pretrain.random_max_frac", 1.5, "a finite number in (0, 1]"),
+    # Wrong type: a bool is not an int, a float not an int, a string not a number.
+    ("total_steps", True, "an integer >= 1, got True (a bool)"),
+    ("data.batch_size", 8.0, "an integer >= 1"),
+    ("optim.lr", "0.1", "a finite number > 0, got '0.1'"),
+    ("optim.momentum", None, "a finite number in [0, 1)"),
+    ("data.flip", 1, "True or False"),
+    ("loss.learn_temperature", "yes", "True or False"),
+    ("data.canvas", (64, 64.5), "2 integers >= 1"),
+    ("optim.freeze", r"^visual/", "a sequence of regex strings"),
+    ("model.dtype", "float16", "one of ('float32', 'bfloat16')"),
+    ("data.train", 3, "a string"),
+]
+
+
+@pytest.mark.parametrize(
+    "key, value, expect", BAD_FIELDS, ids=[f"{k}={v!r}" for k, v, _ in BAD_FIELDS]
+)
+def test_bad_field_fails_with_one_line_naming_the_key(key, value, expect):
+    with pytest.raises(ConfigError) as info:
+        validate(_edited({key: value}), num_devices=1)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid config (1 error):"
+    assert len(lines) == 2 and lines[1].startswith(f"config.{key}: "), lines
+    assert expect in lines[1]
+    assert info.value.errors == lines[1:]
+
+
+def test_error_line_form():
+    with pytest.raises(ConfigError) as info:
+        validate(_edited({"optim.lr": NAN}), num_devices=1)
+    assert (
+        str(info.value).splitlines()[1] == "config.optim.lr: must be a finite number > 0, got nan"
+    )
+    assert isinstance(info.value, ValueError)
+
+
+def test_all_errors_at_once_one_line_each():
+    edits = {
+        "optim.lr": NAN,
+        "optim.weight_decay": -1.0,
+        "optim.beta2": INF,
+        "keep_checkpoints": 1,
+        "data.flip": "no",
+        "detect.temperature": 0.0,
+        "pretrain.threshold": 1.0,
+        "rpn.aspect_ratios": (),
+    }
+    cfg = _edited(edits)
+    cfg.optim.lrr = 0.1  # and an unknown key
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, num_devices=1)
+    header, *lines = str(info.value).splitlines()
+    keys = [*edits, "optim.lrr"]
+    assert header == f"invalid config ({len(keys)} errors):"
+    assert sorted(line.split(":")[0] for line in lines) == sorted(f"config.{k}" for k in keys)
+    assert "config.optim.lrr: unknown key (not in the schema; did you mean 'lr'?)" in lines
+
+
+def test_checks_that_need_a_bad_value_are_skipped_not_crashed():
+    # The model cannot be built: its context length / resolution checks are skipped.
+    cfg = _edited({"data.context_length": 1000})
+    cfg.model.overrides.vision_widht = 8
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, num_devices=1)
+    assert [e.split(":")[0] for e in info.value.errors] == ["config.model"]
+    # Values of the wrong type that later cross-field checks use.
+    bad = {
+        "data.context_length": "77",
+        "data.batch_size": "32",
+        "mesh.data": "all",
+        "data.canvas": None,
+        "pretrain.group_size": None,
+        "optim.decay_steps": None,
+        "data.shapesworld.min_objects": None,
+        "pretrain.random_min_frac": "0.1",
+    }
+    with pytest.raises(ConfigError) as info:
+        validate(_edited(bad), num_devices=4)
+    assert sorted(e.split(":")[0] for e in info.value.errors) == sorted(f"config.{k}" for k in bad)
+    # A section that is not a dict; a missing key.
+    d = _base().to_dict()
+    d["optim"] = 3
+    del d["debug"]["step_sleep"]
+    with pytest.raises(ConfigError) as info:
+        validate(ml_collections.ConfigDict(d), num_devices=1)
+    assert sorted(e.split(":")[0] for e in info.value.errors) == [
+        "config.debug.step_sleep",
+        "config.optim",
+    ]
+
+
+def test_ordered_pairs():
+    with pytest.raises(ConfigError, match=r"config\.data\.shapesworld\.max_objects: .*>= min_obj"):
+        validate(_edited({"data.shapesworld.min_objects": 3, "data.shapesworld.max_objects": 2}), 1)
+    with pytest.raises(ConfigError, match=r"config\.pretrain\.random_min_frac: .*<= random_max"):
+        validate(_edited({"pretrain.random_min_frac": 0.5, "pretrain.random_max_frac": 0.4}), 1)
+
+
+def test_a_mesh_axis_may_be_left_out():
+    cfg = _base()
+    cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 2})
+    validate(cfg, num_devices=4)
+
+
+def test_validation_is_cheap_idempotent_and_needs_no_generated_data(tmp_path):
+    # ShapesWorld is generated by the run into data.shapesworld.dir: validation runs before it.
+    cfg = _base()
+    cfg.data.shapesworld.dir = str(tmp_path / "not_generated_yet")
+    cfg.data.train = cfg.data.val = ""
+    before = cfg.to_dict()
+    for _ in range(2):
+        validate(cfg, num_devices=1)
+    assert cfg.to_dict() == before and not (tmp_path / "not_generated_yet").exists()
+
+
+def test_main_exits_2_with_the_errors_before_generating_data(tmp_path):
+    sw = tmp_path / "sw"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "regionclip_jax.main",
+            "--config=configs/clip_shapesworld.py:runlocal",
+            f"--workdir={tmp_path / 'work'}",
+            f"--config.data.shapesworld.dir={sw}",
+            "--config.optim.lr=nan",
+            "--config.optim.weight_decay=-1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("config.")]
+    assert errors == [
+        "config.optim.lr: must be a finite number > 0, got nan",
+        "config.optim.weight_decay: must be a finite number >= 0, got -1.0",
+    ]
+    assert "invalid config (2 errors):" in proc.stderr
+    assert not sw.exists() and not (tmp_path / "work" / "checkpoints").exists()

@@ -1,23 +1,37 @@
-"""The training config schema and its validation (run before anything is compiled).
+"""The training config schema and its validation (run before any data is made or compiled).
 
 `base_config()` is the full set of keys a training config may have, with defaults; experiment
-files (configs/*.py) start from it (configs/common.py) and override values. `validate(config)`
-fails with a `ConfigError` naming the offending key for
-  - keys the schema does not know (typos: `optim.lrr`), also inside nested dicts;
-  - values of the wrong kind or out of range;
-  - inconsistent values (global batch not divisible by the data-parallel mesh size or by the
-    process count, decay steps out of order, an image resolution the model cannot take, ...).
-Keys under `model` free-form dicts are checked by the model's own config (CLIPConfig).
+files (configs/*.py) start from it (configs/common.py) and override values.
+`validate(config, num_devices, num_processes)` checks
+  - the keys: unknown ones (typos: `optim.lrr`, also inside nested dicts), missing ones;
+  - every field's type (an int is an int, not a bool or a float; bools are bools), finiteness
+    (no NaN / inf) and range (probabilities and thresholds in [0, 1], Adam betas and momentum in
+    [0, 1), lr, eps and temperatures > 0, weight decay >= 0, sizes and counts positive, ...);
+  - consistency: min <= max pairs, the global batch vs the data-parallel mesh size and the
+    process count, decay steps in order, an image resolution the model cannot take, the context
+    length vs the model's, what each mode needs (data, proposals, a ResNet CLIP), ...
+and raises one `ConfigError` listing every error, one line each:
+    invalid config (2 errors):
+    config.optim.lr: must be a finite number > 0, got nan
+    config.optim.weight_decay: must be a finite number >= 0, got -1
+A check that needs a value which is already reported bad is skipped. Keys under `model.overrides`
+are checked by the model's own config (CLIPConfig). Validation reads no data (only
+`model.init`'s model.json when that is set), so it is cheap, has no side effects and can run
+before ShapesWorld is generated.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 MODES = ("clip", "pretrain", "detect", "rpn")
 DETECT_TASKS = ("coco", "lvis")
@@ -28,7 +42,17 @@ OPTIMIZERS = ("sgd", "adamw")
 
 
 class ConfigError(ValueError):
-    """A training config is invalid; the message names the key."""
+    """A training config is invalid.
+
+    `errors` holds one `config.KEY: what is wrong, got VALUE` line per error; the message is a
+    header line (`invalid config (N errors):`) followed by those lines.
+    """
+
+    def __init__(self, errors: str | Sequence[str]):
+        self.errors = [errors] if isinstance(errors, str) else [str(e) for e in errors]
+        n = len(self.errors)
+        header = f"invalid config ({n} error{'' if n == 1 else 's'}):"
+        super().__init__("\n".join([header, *self.errors]))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -189,233 +213,544 @@ def base_config() -> ml_collections.ConfigDict:
 
 # Sub-dicts whose keys are free-form (checked elsewhere).
 _FREE_FORM = ("model.overrides",)
+# Keys that may be left out: a missing mesh axis has size 1.
+_OPTIONAL = ("mesh.data", "mesh.fsdp", "mesh.model")
+MESH_AXES = ("data", "fsdp", "model")
+RPN_DEPTHS = (50, 101, 152)  # regionclip_jax.models.rpn.RESNET_BLOCKS
+DETECT_SPLITS = ("", "coco48_17", "lvis")  # "" or regionclip_jax.data.ov_splits.SPLITS
+TEMPLATES = ("ensemble", "single")
+CLASS_SETS = ("base", "all")
+
+_ABSENT = object()  # a key that is missing or under a section that is not a dict (reported once)
 
 
-def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> list[str]:
-    out = []
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
+
+
+def _show(x: Any) -> str:
+    if isinstance(x, bool | np.bool_):
+        return f"{x!r} (a bool)"
+    if isinstance(x, list | tuple):
+        return repr(tuple(x))
+    return repr(x) if isinstance(x, str) or not _is_number(x) else str(x)
+
+
+def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return ""
+
+
+def _within(x: float, lo, hi, lo_open: bool, hi_open: bool) -> bool:
+    if lo is not None and (x <= lo if lo_open else x < lo):
+        return False
+    return not (hi is not None and (x >= hi if hi_open else x > hi))
+
+
+class _Checker:
+    """Collects `config.KEY: message` lines; the typed getters return None for a bad value."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.errors: list[str] = []
+
+    def error(self, key: str, msg: str) -> None:
+        self.errors.append(f"config.{key}: {msg}")
+
+    def get(self, key: str) -> Any:
+        node = self.config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict | dict) or part not in node:
+                return _ABSENT
+            node = node[part]
+        return node
+
+    def integer(self, key: str, lo=None, hi=None, *, choices: tuple[int, ...] = ()) -> int | None:
+        x = self.get(key)
+        if x is _ABSENT:
+            return None
+        if choices:
+            if not _is_int(x) or int(x) not in choices:
+                self.error(key, f"must be one of {choices}, got {_show(x)}")
+                return None
+            return int(x)
+        if not _is_int(x) or not _within(int(x), lo, hi, False, False):
+            bounds = _bounds(lo, hi, False, False)
+            self.error(key, f"must be an integer {bounds}".rstrip() + f", got {_show(x)}")
+            return None
+        return int(x)
+
+    def number(self, key: str, lo=None, hi=None, lo_open=False, hi_open=False) -> float | None:
+        x = self.get(key)
+        if x is _ABSENT:
+            return None
+        ok = _is_number(x) and math.isfinite(float(x))
+        if not ok or not _within(float(x), lo, hi, lo_open, hi_open):
+            bounds = _bounds(lo, hi, lo_open, hi_open)
+            self.error(key, f"must be a finite number {bounds}".rstrip() + f", got {_show(x)}")
+            return None
+        return float(x)
+
+    def boolean(self, key: str) -> bool | None:
+        x = self.get(key)
+        if x is _ABSENT:
+            return None
+        if not isinstance(x, bool | np.bool_):
+            self.error(key, f"must be True or False, got {_show(x)}")
+            return None
+        return bool(x)
+
+    def string(self, key: str, choices: tuple[str, ...] = ()) -> str | None:
+        x = self.get(key)
+        if x is _ABSENT:
+            return None
+        if choices and (not isinstance(x, str) or x not in choices):
+            self.error(key, f"must be one of {choices}, got {_show(x)}")
+            return None
+        if not isinstance(x, str):
+            self.error(key, f"must be a string, got {_show(x)}")
+            return None
+        return x
+
+    def sequence(
+        self,
+        key: str,
+        kind: str,
+        lo=None,
+        hi=None,
+        lo_open=False,
+        hi_open=False,
+        *,
+        length: int | None = None,
+        min_length: int = 0,
+    ) -> list | None:
+        """A list/tuple of `kind` ("int" or "number") elements within the bounds."""
+        x = self.get(key)
+        if x is _ABSENT:
+            return None
+        is_elem = _is_int if kind == "int" else _is_number
+        ok = isinstance(x, list | tuple) and all(
+            is_elem(v) and math.isfinite(float(v)) and _within(float(v), lo, hi, lo_open, hi_open)
+            for v in x
+        )
+        ok = ok and (len(x) == length if length is not None else len(x) >= min_length)
+        if not ok:
+            count = str(length) if length is not None else "one or more" if min_length else "any"
+            what = "integers" if kind == "int" else "finite numbers"
+            bounds = _bounds(lo, hi, lo_open, hi_open)
+            self.error(
+                key, f"must be a sequence of {count} {what} {bounds}".rstrip() + f", got {_show(x)}"
+            )
+            return None
+        return [int(v) if kind == "int" else float(v) for v in x]
+
+
+def _structure(ck: _Checker, config: Any, schema: Any, prefix: str = "") -> None:
+    """Unknown keys (typos), missing keys and sections that are not dicts."""
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in schema:
-            out.append(name)
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "typo?"
+            ck.error(name, f"unknown key (not in the schema; {hint})")
+    for key in schema.keys():
+        name = f"{prefix}{key}"
+        if key not in config:
+            if name not in _OPTIONAL:
+                ck.error(name, f"missing (the schema's default is {_show(schema[key])})")
             continue
         value, ref = config[key], schema[key]
-        if name in _FREE_FORM:
-            continue
         if isinstance(ref, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict | dict):
-                continue  # reported as a type error below
-            out.extend(_unknown_keys(value, ref, f"{name}."))
-    return out
-
-
-def _fail(key: str, msg: str) -> None:
-    raise ConfigError(f"config.{key}: {msg}")
+                ck.error(name, f"must be a dict of settings, got {_show(value)}")
+            elif name not in _FREE_FORM:
+                _structure(ck, value, ref, f"{name}.")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
-    """Checks `config` against the schema and itself; raises ConfigError naming the key.
+    """Checks `config` against the schema and itself; raises one ConfigError listing every error.
+
+    Cheap and free of side effects: reads no data (only `model.init`'s model.json when set), so it
+    can run before ShapesWorld is generated and as often as wanted.
 
     Args:
       config: the resolved training config.
       num_devices: devices the mesh will span (jax.device_count()).
       num_processes: jax.process_count().
+    Raises:
+      ConfigError: one line `config.KEY: what is wrong, got VALUE` per error.
     """
-    unknown = _unknown_keys(config, base_config())
-    if unknown:
-        _fail(unknown[0], f"unknown key (not in the schema; typo?). All unknown: {unknown}")
+    ck = _Checker(config)
+    if not isinstance(config, ml_collections.ConfigDict | dict):
+        raise ConfigError([f"config: must be a ConfigDict, got {type(config).__name__}"])
+    _structure(ck, config, base_config())
+    v = _check_fields(ck)
+    _check_run(ck, v, num_devices, num_processes)
+    clip_cfg = _check_model(ck, v)
+    mode = v.get("mode")
+    if mode == "pretrain":
+        _check_pretrain(ck, v, clip_cfg)
+    elif mode in ("detect", "rpn"):
+        _check_detect(ck, v, clip_cfg)
+    elif mode == "clip":
+        _check_clip(ck, v, clip_cfg)
+    if ck.errors:
+        raise ConfigError(ck.errors)
 
-    if config.mode not in MODES:
-        _fail("mode", f"must be one of {MODES}, got {config.mode!r}")
-    for key in ("total_steps", "log_every", "keep_checkpoints"):
-        if int(config[key]) < 1:
-            _fail(key, f"must be >= 1, got {config[key]}")
-    if int(config.checkpoint_every) < 0:
-        _fail("checkpoint_every", "must be >= 0 (0: only at the end)")
 
-    # Mesh and batch.
-    mesh = dict(config.mesh)
-    sizes = {a: int(mesh.get(a, 1)) for a in mesh}
-    for axis, size in sizes.items():
-        if axis not in ("data", "fsdp", "model"):
-            _fail(f"mesh.{axis}", "unknown mesh axis; axes are data, fsdp, model")
-        if size == 0 or size < -1:
-            _fail(f"mesh.{axis}", f"must be >= 1 or -1, got {size}")
-    if list(sizes.values()).count(-1) > 1:
-        _fail("mesh", "at most one axis may be -1")
-    known = math.prod(s for s in sizes.values() if s != -1)
-    if num_devices % known:
-        _fail("mesh", f"{sizes} does not fit {num_devices} devices")
-    full = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
-    if math.prod(full.values()) != num_devices:
-        _fail("mesh", f"{sizes} needs {math.prod(full.values())} devices, have {num_devices}")
-    data_par = full.get("data", 1) * full.get("fsdp", 1)
-    batch = int(config.data.batch_size)
-    if batch < 1:
-        _fail("data.batch_size", f"must be >= 1, got {batch}")
-    if batch % data_par:
-        _fail(
-            "data.batch_size",
-            f"global batch {batch} is not divisible by the data-parallel size "
-            f"data x fsdp = {data_par} (mesh {full})",
-        )
-    if batch % num_processes:
-        _fail("data.batch_size", f"global batch {batch} not divisible by {num_processes} processes")
-    for pair in config.axis_rules:
-        if len(pair) != 2:
-            _fail("axis_rules", f"entries must be (logical name, mesh axes) pairs, got {pair}")
+def _check_fields(ck: _Checker) -> dict[str, Any]:
+    """Type, finiteness and range of every field; returns {key: value or None when bad}."""
+    v: dict[str, Any] = {}
+    integer, number, boolean, string, seq = (
+        ck.integer,
+        ck.number,
+        ck.boolean,
+        ck.string,
+        ck.sequence,
+    )
+
+    def prob(key: str) -> float | None:  # a probability or an IoU / score threshold
+        return number(key, 0, 1)
+
+    # Run.
+    v["mode"] = string("mode", MODES)
+    v["seed"] = integer("seed", 0)
+    v["total_steps"] = integer("total_steps", 1)
+    v["log_every"] = integer("log_every", 1)
+    v["checkpoint_every"] = integer("checkpoint_every", 0)  # 0: only at the end
+    # The restore fallback to the previous checkpoint needs two kept.
+    v["keep_checkpoints"] = integer("keep_checkpoints", 2)
+    boolean("async_checkpointing")
+    integer("eval_every", 0)
+
+    # Model (CLIPConfig fields: checked by building it in _check_model).
+    for key in ("model.preset", "model.init"):
+        v[key] = string(key)
+    v["model.dtype"] = string("model.dtype", ("float32", "bfloat16"))
 
     # Data.
-    d = config.data
-    if config.mode in ("detect", "rpn"):
-        _validate_detect(config)
-    elif not d.train and not d.shapesworld.dir:
-        _fail("data.train", "set data.train (shards) or data.shapesworld.dir (generated)")
-    if len(d.canvas) != 2 or min(d.canvas) < 1:
-        _fail("data.canvas", f"must be (height, width), got {d.canvas}")
-    if int(d.min_size) < 1:
-        _fail("data.min_size", f"must be >= 1, got {d.min_size}")
+    for key in ("data.train", "data.val", "data.shapesworld.dir"):
+        v[key] = string(key)
+    sw = "data.shapesworld."
+    integer(sw + "num_train", 0)
+    integer(sw + "num_val", 0)
+    integer(sw + "seed", 0)
+    integer(sw + "image_size", 32)  # ShapesWorldConfig's minimum
+    lo_obj = integer(sw + "min_objects", 1)
+    hi_obj = integer(sw + "max_objects", 1)
+    if lo_obj is not None and hi_obj is not None and lo_obj > hi_obj:
+        ck.error(sw + "max_objects", f"must be >= min_objects ({lo_obj}), got {hi_obj}")
+    for key in ("small_size", "large_size"):
+        pair = seq(sw + key, "number", 0, 1, lo_open=True, length=2)
+        if pair is not None and pair[0] > pair[1]:
+            ck.error(sw + key, f"must be (min, max) with min <= max, got {tuple(pair)}")
+    prob(sw + "color_mention")
+    prob(sw + "size_mention")
+    integer(sw + "max_mentions", 1)
+    number(sw + "train_novel_weight", 0)
+    v["data.batch_size"] = integer("data.batch_size", 1)
+    min_size = integer("data.min_size", 1)
+    max_size = v["data.max_size"] = integer("data.max_size", 0)  # 0: no cap on the longer side
+    if min_size is not None and max_size and max_size < min_size:
+        ck.error(
+            "data.max_size", f"must be 0 (no cap) or >= data.min_size ({min_size}), got {max_size}"
+        )
+    v["data.canvas"] = seq("data.canvas", "int", 1, length=2)
+    boolean("data.flip")
+    integer("data.num_workers", 0)
+    v["data.context_length"] = integer("data.context_length", 2)  # start and end tokens
+
+    # Loss.
+    boolean("loss.learn_temperature")
+    number("loss.temperature", 0, lo_open=True)
+    number("loss.max_logit_scale", 0, lo_open=True)
 
     # Optimiser.
-    o = config.optim
-    if o.name not in OPTIMIZERS:
-        _fail("optim.name", f"must be one of {OPTIMIZERS}, got {o.name!r}")
-    if float(o.lr) <= 0:
-        _fail("optim.lr", f"must be > 0, got {o.lr}")
-    steps = [int(s) for s in o.decay_steps]
-    if steps != sorted(steps) or any(s <= 0 for s in steps):
-        _fail("optim.decay_steps", f"must be increasing positive steps, got {tuple(steps)}")
-    if int(o.warmup_steps) < 0:
-        _fail("optim.warmup_steps", "must be >= 0")
-    if float(o.clip_grad_norm) < 0:
-        _fail("optim.clip_grad_norm", "must be >= 0 (0 disables)")
-    for pattern in o.freeze:
+    string("optim.name", OPTIMIZERS)
+    number("optim.lr", 0, lo_open=True)
+    number("optim.momentum", 0, 1, hi_open=True)
+    number("optim.beta1", 0, 1, hi_open=True)
+    number("optim.beta2", 0, 1, hi_open=True)
+    number("optim.eps", 0, lo_open=True)
+    number("optim.weight_decay", 0)
+    integer("optim.decay_min_ndim", 0)
+    integer("optim.warmup_steps", 0)
+    number("optim.warmup_factor", 0, 1)  # the lr factor at step 0, rising linearly to 1
+    steps = seq("optim.decay_steps", "int", 1)
+    if steps is not None and steps != sorted(steps):
+        ck.error("optim.decay_steps", f"must be increasing steps, got {tuple(steps)}")
+    number("optim.decay_factor", 0, 1, lo_open=True)
+    number("optim.clip_grad_norm", 0)  # 0 disables
+    _check_patterns(ck, "optim.freeze")
+
+    # Mode `pretrain`.
+    p = "pretrain."
+    v[p + "regions"] = string(p + "regions", REGION_SOURCES)
+    integer(p + "num_regions", 1)
+    lo = number(p + "random_min_frac", 0, 1, lo_open=True)
+    hi = number(p + "random_max_frac", 0, 1, lo_open=True)
+    if lo is not None and hi is not None and lo > hi:
+        ck.error(p + "random_min_frac", f"must be <= random_max_frac ({hi}), got {lo}")
+    string(p + "concepts")
+    integer(p + "concept_min_count", 1)
+    string(p + "templates", TEMPLATES)
+    number(p + "temperature", 0, lo_open=True)
+    number(p + "teacher_temperature", 0, lo_open=True)
+    number(p + "threshold", 0, 1, hi_open=True)
+    v[p + "group_size"] = integer(p + "group_size", 0)  # 0: the whole batch
+    seq(p + "loss_weights", "number", 0, length=3)
+    integer(p + "freeze_at", 0, 5)
+    integer(p + "pooler_resolution", 0)  # 0: 2 x input_resolution / 32
+
+    # Modes `detect` and `rpn`.
+    t = "detect."
+    v[t + "task"] = string(t + "task", DETECT_TASKS)
+    for key in ("train_json", "val_json", "image_root", "val_image_root"):
+        v[t + key] = string(t + key)
+    for key in ("train_embeddings", "test_embeddings", "rpn_init"):
+        v[t + key] = string(t + key)
+    string(t + "split", DETECT_SPLITS)
+    string(t + "train_classes", CLASS_SETS)
+    string(t + "templates", TEMPLATES)
+    v[t + "proposals"] = string(t + "proposals", PROPOSAL_SOURCES)
+    integer(t + "rpn_pre_nms_topk", 1)
+    integer(t + "rpn_post_nms_topk", 1)
+    prob(t + "rpn_nms_thresh")
+    integer(t + "rois_per_image", 1)
+    number(t + "positive_fraction", 0, 1, lo_open=True)
+    prob(t + "iou_threshold")
+    number(t + "bg_weight")  # < 0: the task's default
+    v[t + "focal_gamma"] = number(t + "focal_gamma")  # < 0: the task's default
+    number(t + "temperature", 0, lo_open=True)
+    boolean(t + "mask_on")
+    integer(t + "freeze_at", 0, 5)
+    integer(t + "pooler_resolution", 0)
+    integer(t + "max_boxes", 1)
+    v[t + "train_sizes"] = seq(t + "train_sizes", "int", 1, min_length=1)
+    v[t + "test_size"] = integer(t + "test_size", 1)
+    prob(t + "repeat_threshold")  # 0: off
+    integer(t + "eval_batch_size", 1)
+    v[t + "eval_only"] = boolean(t + "eval_only")
+    prob(t + "score_thresh")
+    prob(t + "nms_thresh")
+    boolean(t + "soft_nms")
+    integer(t + "topk", 1)
+    integer(t + "max_candidates", 1)
+    boolean(t + "multiply_rpn_score")
+    boolean(t + "apply_deltas")
+    integer(t + "max_eval_images", 0)  # 0: all
+
+    r = "rpn."
+    v[r + "kind"] = string(r + "kind", RPN_KINDS)
+    string(r + "init")
+    integer(r + "depth", choices=RPN_DEPTHS)
+    integer(r + "base_width", 1)
+    seq(r + "anchor_sizes", "number", 0, lo_open=True, min_length=1)
+    seq(r + "aspect_ratios", "number", 0, lo_open=True, min_length=1)
+    integer(r + "freeze_at", 0, 5)
+    string(r + "train_classes", CLASS_SETS)
+
+    integer("debug.nan_at_step", 0)  # 0: off
+    number("debug.step_sleep", 0)
+    boolean("debug.print_memory")
+    integer("debug.fail_at_step", 0)  # 0: off
+    integer("debug.fail_process", 0)
+    return v
+
+
+def _check_patterns(ck: _Checker, key: str) -> None:
+    patterns = ck.get(key)
+    if patterns is _ABSENT:
+        return
+    if not isinstance(patterns, list | tuple) or not all(isinstance(x, str) for x in patterns):
+        ck.error(key, f"must be a sequence of regex strings, got {_show(patterns)}")
+        return
+    for pattern in patterns:
         try:
             re.compile(pattern)
         except re.error as e:
-            _fail("optim.freeze", f"bad regex {pattern!r}: {e}")
+            ck.error(key, f"bad regex {pattern!r}: {e}")
 
-    # Loss.
-    if float(config.loss.temperature) <= 0:
-        _fail("loss.temperature", "must be > 0")
 
-    # Model: build the CLIPConfig now so a bad field fails before any compile.
-    if config.model.dtype not in ("float32", "bfloat16"):
-        _fail("model.dtype", f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
-    init = str(config.model.init)
+def _check_run(ck: _Checker, v: dict[str, Any], num_devices: int, num_processes: int) -> None:
+    """Mesh vs devices, global batch vs mesh and processes, logical-axis rules."""
+    mesh = ck.get("mesh")
+    batch = v["data.batch_size"]
+    if isinstance(mesh, ml_collections.ConfigDict | dict):
+        sizes = {}
+        for axis in mesh:
+            if axis not in MESH_AXES:
+                continue  # an unknown key (_structure)
+            size = ck.integer(f"mesh.{axis}")
+            if size is not None and (size == 0 or size < -1):
+                ck.error(f"mesh.{axis}", f"must be an integer >= 1 or -1 (the rest), got {size}")
+                size = None
+            sizes[axis] = size
+        if None not in sizes.values():
+            known = math.prod(s for s in sizes.values() if s != -1)
+            full = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
+            if list(sizes.values()).count(-1) > 1:
+                ck.error("mesh", f"at most one axis may be -1, got {sizes}")
+            elif num_devices % known:
+                ck.error("mesh", f"{sizes} does not fit {num_devices} devices")
+            elif math.prod(full.values()) != num_devices:
+                ck.error(
+                    "mesh", f"{sizes} needs {math.prod(full.values())} devices, have {num_devices}"
+                )
+            elif batch is not None:
+                data_par = full.get("data", 1) * full.get("fsdp", 1)
+                if batch % data_par:
+                    ck.error(
+                        "data.batch_size",
+                        f"global batch {batch} is not divisible by the data-parallel size "
+                        f"data x fsdp = {data_par} (mesh {full})",
+                    )
+    if batch is not None and batch % num_processes:
+        ck.error(
+            "data.batch_size", f"global batch {batch} not divisible by {num_processes} processes"
+        )
+    rules = ck.get("axis_rules")
+    if rules is not _ABSENT:
+        if not isinstance(rules, list | tuple):
+            ck.error(
+                "axis_rules",
+                f"must be a sequence of (logical name, mesh axes) pairs, got {_show(rules)}",
+            )
+            return
+        for pair in rules:
+            axes = pair[1] if isinstance(pair, list | tuple) and len(pair) == 2 else None
+            axes = (axes,) if axes is None or isinstance(axes, str) else axes
+            ok = (
+                isinstance(pair, list | tuple)
+                and len(pair) == 2
+                and isinstance(pair[0], str)
+                and isinstance(axes, list | tuple)
+                and all(a is None or a in MESH_AXES for a in axes)
+            )
+            if not ok:
+                ck.error(
+                    "axis_rules",
+                    f"entries must be (logical name, mesh axes) pairs with axes None or among "
+                    f"{MESH_AXES}, got {_show(pair)}",
+                )
+
+
+def _check_model(ck: _Checker, v: dict[str, Any]) -> Any:
+    """Builds the CLIPConfig (so a bad field fails before any compile); None if it cannot be."""
+    preset, init = v["model.preset"], v["model.init"]
+    overrides = ck.get("model.overrides")
+    if (
+        preset is None
+        or init is None
+        or not isinstance(overrides, ml_collections.ConfigDict | dict)
+    ):
+        return None  # reported already
     if init:
-        if config.model.preset or dict(config.model.overrides):
-            _fail(
+        if preset or dict(overrides):
+            ck.error(
                 "model.init", "fixes the architecture: leave model.preset and model.overrides empty"
             )
+            return None
         if not os.path.exists(os.path.join(init, "model.json")):
-            _fail(
+            ck.error(
                 "model.init",
                 f"{os.path.join(init, 'model.json')} not found: convert weights with "
                 "`regionclip-jax convert` or train mode 'clip' (it exports WORKDIR/export)",
             )
+            return None
     try:
-        clip_cfg = clip_config(config)
-    except (KeyError, ValueError, TypeError) as e:
-        _fail("model", str(e))
+        clip_cfg = clip_config(ck.config)
+    except Exception as e:  # any failure to build it is a config error
+        ck.error("model", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+        return None
     res = clip_cfg.image_resolution
     if clip_cfg.is_resnet and res % 32:
-        _fail("model.overrides.image_resolution", f"a ResNet needs a multiple of 32, got {res}")
-    if config.mode == "pretrain":
-        _validate_pretrain(config, clip_cfg)
-    elif config.mode in ("detect", "rpn"):
-        if not clip_cfg.is_resnet and (config.mode == "detect" or config.rpn.kind == "clip"):
-            _fail("model", "the detector's region head is res5 + attnpool: needs a ResNet CLIP")
-    elif tuple(int(x) for x in d.canvas) != (res, res):
-        _fail(
-            "data.canvas",
-            f"CLIP training feeds whole canvases to the model: canvas {tuple(d.canvas)} must be "
-            f"({res}, {res}) = model image_resolution",
+        ck.error("model.overrides.image_resolution", f"a ResNet needs a multiple of 32, got {res}")
+    length = v["data.context_length"]
+    if length is not None and length > clip_cfg.context_length:
+        ck.error(
+            "data.context_length", f"{length} > model context_length {clip_cfg.context_length}"
         )
-    if int(d.context_length) < 2:
-        _fail("data.context_length", f"must be >= 2 (start and end tokens), got {d.context_length}")
-    if int(d.context_length) > clip_cfg.context_length:
-        _fail(
-            "data.context_length",
-            f"{d.context_length} > model context_length {clip_cfg.context_length}",
+    return clip_cfg
+
+
+def _check_train_data(ck: _Checker, v: dict[str, Any]) -> None:
+    train, sw_dir = v["data.train"], v["data.shapesworld.dir"]
+    if train == "" and sw_dir == "":
+        ck.error("data.train", "set data.train (shards) or data.shapesworld.dir (generated)")
+
+
+def _check_clip(ck: _Checker, v: dict[str, Any], clip_cfg: Any) -> None:
+    _check_train_data(ck, v)
+    canvas = v["data.canvas"]
+    if clip_cfg is not None and canvas is not None:
+        res = clip_cfg.image_resolution
+        if tuple(canvas) != (res, res):
+            ck.error(
+                "data.canvas",
+                f"CLIP training feeds whole canvases to the model: canvas {tuple(canvas)} must be "
+                f"({res}, {res}) = model image_resolution",
+            )
+
+
+def _check_pretrain(ck: _Checker, v: dict[str, Any], clip_cfg: Any) -> None:
+    _check_train_data(ck, v)
+    if clip_cfg is not None and not clip_cfg.is_resnet:
+        ck.error(
+            "model", "mode 'pretrain' needs a ModifiedResNet CLIP (res5 + attnpool region head)"
+        )
+    group, batch = v["pretrain.group_size"], v["data.batch_size"]
+    if group and batch is not None and batch % group:
+        ck.error(
+            "pretrain.group_size", f"must be 0 or divide the global batch {batch}, got {group}"
         )
 
 
-def _validate_pretrain(config: ml_collections.ConfigDict, clip_cfg: Any) -> None:
-    p = config.pretrain
-    if p.regions not in REGION_SOURCES:
-        _fail("pretrain.regions", f"must be one of {REGION_SOURCES}, got {p.regions!r}")
-    if not clip_cfg.is_resnet:
-        _fail("model", "mode 'pretrain' needs a ModifiedResNet CLIP (res5 + attnpool region head)")
-    if int(p.num_regions) < 1:
-        _fail("pretrain.num_regions", f"must be >= 1, got {p.num_regions}")
-    lo, hi = float(p.random_min_frac), float(p.random_max_frac)
-    if not 0.0 < lo <= hi <= 1.0:
-        _fail(
-            "pretrain.random_min_frac",
-            f"need 0 < random_min_frac <= random_max_frac <= 1, got {lo}, {hi}",
-        )
-    if p.templates not in ("ensemble", "single"):
-        _fail("pretrain.templates", f"must be 'ensemble' or 'single', got {p.templates!r}")
-    for key in ("temperature", "teacher_temperature"):
-        if float(p[key]) <= 0:
-            _fail(f"pretrain.{key}", f"must be > 0, got {p[key]}")
-    if not 0.0 <= float(p.threshold) < 1.0:
-        _fail("pretrain.threshold", f"must be in [0, 1), got {p.threshold}")
-    group, batch = int(p.group_size), int(config.data.batch_size)
-    if group < 0 or (group and batch % group):
-        _fail("pretrain.group_size", f"must be 0 or divide the global batch {batch}, got {group}")
-    if len(p.loss_weights) != 3 or any(float(w) < 0 for w in p.loss_weights):
-        _fail("pretrain.loss_weights", f"must be 3 weights >= 0, got {tuple(p.loss_weights)}")
-    if not 0 <= int(p.freeze_at) <= 5:
-        _fail("pretrain.freeze_at", f"must be in 0..5, got {p.freeze_at}")
-    if int(p.pooler_resolution) < 0:
-        _fail("pretrain.pooler_resolution", f"must be >= 0, got {p.pooler_resolution}")
-    if int(p.concept_min_count) < 1:
-        _fail("pretrain.concept_min_count", f"must be >= 1, got {p.concept_min_count}")
-
-
-def _validate_detect(config: ml_collections.ConfigDict) -> None:
-    d, t = config.data, config.detect
-    has_train = bool(d.train or t.train_json or d.shapesworld.dir)
-    if not has_train and not (config.mode == "detect" and t.eval_only):
-        _fail("detect.train_json", "set detect.train_json (COCO-format json) or data.train shards")
-    if config.mode == "detect" and not (d.val or t.val_json or d.shapesworld.dir):
-        _fail("detect.val_json", "set detect.val_json (COCO-format json of the evaluation set)")
-    if t.task not in DETECT_TASKS:
-        _fail("detect.task", f"must be one of {DETECT_TASKS}, got {t.task!r}")
-    if t.proposals not in PROPOSAL_SOURCES:
-        _fail("detect.proposals", f"must be one of {PROPOSAL_SOURCES}, got {t.proposals!r}")
-    if config.mode == "detect" and t.proposals == "rpn" and not t.rpn_init:
-        _fail("detect.rpn_init", "proposals='rpn' needs an RPN: an `rpn` workdir or a .pth")
-    if t.proposals == "gt" and not t.eval_only:
-        _fail("detect.proposals", "'gt' proposals are for zero-shot evaluation (eval_only)")
-    if t.train_classes not in ("base", "all"):
-        _fail("detect.train_classes", f"must be 'base' or 'all', got {t.train_classes!r}")
-    if config.rpn.train_classes not in ("base", "all"):
-        _fail("rpn.train_classes", f"must be 'base' or 'all', got {config.rpn.train_classes!r}")
-    if t.templates not in ("ensemble", "single"):
-        _fail("detect.templates", f"must be 'ensemble' or 'single', got {t.templates!r}")
-    for key in ("rois_per_image", "max_boxes", "test_size", "eval_batch_size", "topk"):
-        if int(t[key]) < 1:
-            _fail(f"detect.{key}", f"must be >= 1, got {t[key]}")
-    if not 0.0 < float(t.positive_fraction) <= 1.0:
-        _fail("detect.positive_fraction", f"must be in (0, 1], got {t.positive_fraction}")
-    if float(t.temperature) <= 0:
-        _fail("detect.temperature", f"must be > 0, got {t.temperature}")
-    if not t.train_sizes or any(int(x) < 1 for x in t.train_sizes):
-        _fail("detect.train_sizes", f"must be positive sizes, got {tuple(t.train_sizes)}")
-    canvas = tuple(int(x) for x in d.canvas)
-    longest = max([int(x) for x in t.train_sizes] + [int(t.test_size)])
-    if int(d.max_size or 0) == 0 and longest > min(canvas):
-        _fail("data.canvas", f"{canvas} cannot hold a {longest}-pixel side: set data.max_size")
-    if max(canvas) % 32:
-        _fail("data.canvas", f"must be multiples of 32 (RoI features at stride 16), got {canvas}")
-    if t.task == "lvis" and float(t.focal_gamma) >= 0:
-        _fail("detect.focal_gamma", "LVIS has no focal scaling (leave it < 0)")
-    if not 0 <= int(t.freeze_at) <= 5:
-        _fail("detect.freeze_at", f"must be in 0..5, got {t.freeze_at}")
-    if config.rpn.kind not in RPN_KINDS:
-        _fail("rpn.kind", f"must be one of {RPN_KINDS}, got {config.rpn.kind!r}")
+def _check_detect(ck: _Checker, v: dict[str, Any], clip_cfg: Any) -> None:
+    mode, t = v["mode"], "detect."
+    eval_only, proposals = v[t + "eval_only"], v[t + "proposals"]
+    train, val, sw_dir = v["data.train"], v["data.val"], v["data.shapesworld.dir"]
+    train_json, val_json = v[t + "train_json"], v[t + "val_json"]
+    if None not in (train, train_json, sw_dir, eval_only):
+        if not (train or train_json or sw_dir) and not (mode == "detect" and eval_only):
+            ck.error(
+                t + "train_json", "set detect.train_json (COCO-format json) or data.train shards"
+            )
+    if mode == "detect" and None not in (val, val_json, sw_dir) and not (val or val_json or sw_dir):
+        ck.error(t + "val_json", "set detect.val_json (COCO-format json of the evaluation set)")
+    if mode == "detect" and proposals == "rpn" and v[t + "rpn_init"] == "":
+        ck.error(t + "rpn_init", "proposals='rpn' needs an RPN: an `rpn` workdir or a .pth")
+    if proposals == "gt" and eval_only is False:
+        ck.error(t + "proposals", "'gt' proposals are for zero-shot evaluation (eval_only)")
+    canvas, sizes, test_size = v["data.canvas"], v[t + "train_sizes"], v[t + "test_size"]
+    if canvas is not None:
+        if sizes is not None and test_size is not None and v["data.max_size"] == 0:
+            longest = max([*sizes, test_size])
+            if longest > min(canvas):
+                ck.error(
+                    "data.canvas",
+                    f"{tuple(canvas)} cannot hold a {longest}-pixel side: set data.max_size",
+                )
+        if max(canvas) % 32:
+            ck.error(
+                "data.canvas",
+                f"must be multiples of 32 (RoI features at stride 16), got {tuple(canvas)}",
+            )
+    gamma = v[t + "focal_gamma"]
+    if v[t + "task"] == "lvis" and gamma is not None and gamma >= 0:
+        ck.error(t + "focal_gamma", f"LVIS has no focal scaling (leave it < 0), got {gamma}")
+    needs_resnet = mode == "detect" or v["rpn.kind"] == "clip"
+    if clip_cfg is not None and not clip_cfg.is_resnet and needs_resnet:
+        ck.error("model", "the detector's region head is res5 + attnpool: needs a ResNet CLIP")
 
 
 def clip_config(config: ml_collections.ConfigDict):
