@@ -80,3 +80,29 @@ def test_shard_input_and_spacy_request(tmp_path):
     if concepts.spacy_model_name() is None:
         with pytest.raises(ImportError, match="spaCy"):
             concepts.count_concepts(caps, method="spacy")
+
+
+def test_bad_inputs_name_the_file_and_nothing_is_written(tmp_path):
+    """Non-UTF-8 captions (file:line), an empty corpus, an empty concept file: clear errors."""
+    out = tmp_path / "new" / "pool.txt"
+    latin1 = tmp_path / "caps.txt"
+    latin1.write_bytes(b"a dog on a sofa\na caf\xe9 table\n")
+    with pytest.raises(ValueError, match=r"caps.txt:2: caption file is not UTF-8 text"):
+        concepts.build_concept_pool([str(latin1)], str(out), min_count=1, method="rules")
+    jsonl = tmp_path / "caps.jsonl"
+    jsonl.write_text('{"caption": "a dog"}\n{"caption": "a cat"\n')
+    with pytest.raises(ValueError, match=r"caps.jsonl:2: not valid JSON"):
+        concepts.build_concept_pool([str(jsonl)], str(out), min_count=1, method="rules")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="no captions in .*empty.txt"):
+        concepts.build_concept_pool([str(empty)], str(out), min_count=1, method="rules")
+    assert not out.exists()
+    (tmp_path / "blank_pool.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match=r"blank_pool.txt: no concepts"):
+        concepts.load_concepts(str(tmp_path / "blank_pool.txt"))
+    (tmp_path / "one.txt").write_text("a dog\n")
+    with pytest.raises(ValueError, match=r"no concept is mentioned at least 5 times .*dog \(1\)"):
+        concepts.build_concept_pool(
+            [str(tmp_path / "one.txt")], str(out), min_count=5, method="rules"
+        )

@@ -214,3 +214,60 @@ def test_make_shards_detection_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 of 4 images written" in out and "no_boxes 2" in out  # 102 empty, 103 outside
     assert "annotation_unknown_category_dropped 1" in out
+
+
+def test_unreadable_or_empty_json_is_an_error_naming_it(tmp_path):
+    _write_images(tmp_path / "img", 1)
+    js = tmp_path / "inst.json"
+    js.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"inst.json: empty file \(0 bytes\), expected a COCO"):
+        convert_detection(str(js), str(tmp_path / "img"), str(tmp_path / "o"))
+    js.write_bytes(b'{"images": [\n{"id": 1, "file_name": "caf\xe9.png"}]}')
+    with pytest.raises(
+        ValueError, match=r"inst.json:2: .* not UTF-8 text \(byte 0xe9 at column 28"
+    ):
+        convert_detection(str(js), str(tmp_path / "img"), str(tmp_path / "o"))
+    js.write_text('{"images": [],\n "annotations": [}')
+    with pytest.raises(ValueError, match=r"inst.json:2: not valid JSON"):
+        convert_detection(str(js), str(tmp_path / "img"), str(tmp_path / "o"))
+    for key in ("images", "annotations"):
+        data = _coco(1)
+        data[key] = []
+        js.write_text(json.dumps(data))
+        with pytest.raises(AnnotationError, match=f"the '{key}' list is empty"):
+            convert_detection(str(js), str(tmp_path / "img"), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_size_mismatch_is_an_error_or_rescaled(tmp_path, capsys):
+    """A json size that is not the file's: an error naming the image, or boxes rescaled."""
+    import argparse
+
+    from regionclip_jax.data.commands import add_make_shards_arguments, make_shards_command
+    from regionclip_jax.data.convert_detection import SizeMismatchError
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "img" / "small.png")
+    data = {
+        "images": [{"id": 1, "file_name": "small.png", "width": 128, "height": 96}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [60, 40, 40, 32]}],
+        "categories": [{"id": 3, "name": "car"}],
+    }
+    js = tmp_path / "inst.json"
+    js.write_text(json.dumps(data))
+    with pytest.raises(
+        SizeMismatchError,
+        match=r"image 1 \(.*small.png\): the annotations give its size as 128x96 \(width x "
+        r"height\) but the file is 64x48",
+    ):
+        convert_detection(str(js), str(tmp_path / "img"), str(tmp_path / "o"))
+    parser = argparse.ArgumentParser()
+    add_make_shards_arguments(parser)
+    argv = ["detection", "--annotations", str(js), "--image-root", str(tmp_path / "img")]
+    args = parser.parse_args([*argv, "--out", str(tmp_path / "o"), "--quiet", "--size-mismatch",
+                              "rescale"])  # fmt: skip
+    assert make_shards_command(args) == 0
+    assert "boxes_rescaled_to_image 1" in capsys.readouterr().out
+    (rec,) = list(ShardReader(tmp_path / "o"))
+    assert (rec["height"], rec["width"]) == (48, 64)
+    np.testing.assert_allclose(rec["boxes"], [[30, 20, 50, 36]])  # the 128x96 box, halved

@@ -274,3 +274,44 @@ def test_same_id_in_two_parts_is_kept_and_counted(tmp_path):
     m = convert_imagetext([str(tmp_path / "0.tar"), str(tmp_path / "1.tar")], str(tmp_path / "o"))
     assert m["num_records"] == 2 and m["metadata"]["duplicate_ids_across_parts"] == 1
     assert "1 id(s) occur in more than one part" in format_summary("o", m)
+
+
+def test_unreadable_lists_name_the_file_and_line(tmp_path, image_dir):
+    """A non-UTF-8 list, a bad JSONL line and a zero-byte COCO json: errors naming file (+ line)."""
+    tsv = image_dir / "latin1.tsv"
+    tsv.write_bytes(b"im0.jpg\ta cat\nim1.png\ta caf\xe9\n")
+    with pytest.raises(
+        ValueError, match=r"latin1.tsv:2: caption list is not UTF-8 text \(byte 0xe9"
+    ):
+        convert_imagetext([str(tsv)], str(tmp_path / "o"))
+    jsonl = image_dir / "l.jsonl"
+    jsonl.write_text('{"image": "im0.jpg", "caption": "a"}\n{"image": "im1.png", "caption": \n')
+    with pytest.raises(ValueError, match=r"l.jsonl:2: not valid JSON"):
+        convert_imagetext([str(jsonl)], str(tmp_path / "o"))
+    empty = tmp_path / "captions.json"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"captions.json: empty file \(0 bytes\)"):
+        convert_imagetext(
+            [str(empty)], str(tmp_path / "o"), input_format="coco_captions", image_root="."
+        )
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
+def test_empty_inputs_are_errors(tmp_path, image_dir):
+    """An empty list, a folder without images, and a conversion writing nothing fail."""
+    for text in ("", "image\tcaption\n"):  # empty, header only
+        lst = image_dir / "empty.tsv"
+        lst.write_text(text)
+        with pytest.raises(ValueError, match=r"empty.tsv: the caption list is empty"):
+            convert_imagetext([str(lst)], str(tmp_path / "o"))
+    (tmp_path / "no_images").mkdir()
+    with pytest.raises(ValueError, match=r"no_images: no image files"):
+        convert_imagetext([str(tmp_path / "no_images")], str(tmp_path / "o"))
+    # Every image missing (a wrong --image-root): an error, not "0 of 2 written" and exit 0.
+    lst = image_dir / "l.tsv"
+    lst.write_text("im0.jpg\ta cat\nim1.png\ta dog\n")
+    with pytest.raises(
+        ValueError,
+        match=r"all 2 input image\(s\) were skipped \(missing_file 2\) \(is --image-root",
+    ):
+        convert_imagetext([str(lst)], str(tmp_path / "o2"), image_root=str(tmp_path))

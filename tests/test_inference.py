@@ -268,9 +268,10 @@ def test_bad_inputs(model, setup):
         model.classify_regions(tmp / "img.png", BOXES, [])
     with pytest.raises(ValueError, match="empty"):
         parse_vocabulary(" , ,")
-    with pytest.warns(UserWarning, match=r"duplicate words \['cat'\]"):
-        s = model.classify_regions(tmp / "img.png", BOXES, ["cat", "dog", "cat"])
-    assert s.names == ["cat", "dog"]
+    with pytest.raises(
+        ValueError, match=r"duplicate classes: 'cat' \(item 1\) and 'cat' \(item 3\)"
+    ):
+        model.classify_regions(tmp / "img.png", BOXES, ["cat", "dog", "cat"])
     words = tmp / "words.txt"
     words.write_text("# animals\ncat\n\ndog\n")
     with warnings.catch_warnings():
@@ -286,3 +287,34 @@ def test_bad_inputs(model, setup):
     assert parse_vocabulary(["vocab/words"]) == ["vocab/words"]
     assert parse_vocabulary("st. bernard") == ["st. bernard"]  # words with dots stay words
     assert parse_vocabulary("cat") == ["cat"]
+
+
+def test_vocabulary_duplicates_after_tokenizer_cleaning_are_an_error(tmp_path):
+    """Names the tokenizer cleans to the same text embed identically: one error naming both."""
+    from regionclip_jax.text.tokenizer import clean_text
+
+    assert clean_text("Hot  Dog ") == clean_text("hot dog")
+    with pytest.raises(ValueError, match=r"'Hot  Dog' \(item 2\) and 'hot dog' \(item 3\)"):
+        parse_vocabulary(["cat", "Hot  Dog", "hot dog"])
+    with pytest.raises(ValueError, match=r"'fish &amp; chips' \(item 1\) and 'Fish & chips'"):
+        parse_vocabulary("fish &amp; chips, Fish & chips")
+    words = tmp_path / "words.txt"
+    words.write_text("# animals\ncat\ndog\n\nCAT\n")
+    with pytest.raises(
+        ValueError,
+        match=rf"vocabulary file {re.escape(str(words))}: duplicate classes: 'cat' \(line 2\) "
+        r"and 'CAT' \(line 5\)",
+    ):
+        parse_vocabulary(str(words))
+    assert parse_vocabulary("cat,dog,hot dog") == ["cat", "dog", "hot dog"]
+
+
+def test_vocabulary_file_not_utf8_names_file_and_line(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_bytes(b"cat\ndog\ncaf\xe9 au lait\n")
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(words))}:3: vocabulary file is not UTF-8 text \(byte 0xe9 at "
+        r"column 4\)",
+    ):
+        parse_vocabulary(str(words))

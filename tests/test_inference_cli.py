@@ -104,6 +104,7 @@ def test_classify_many_images_with_vis(env, capsys):
         ({"--boxes": "degenerate.json"}, "degenerate"),
         ({"--vocabulary": " , "}, "vocabulary is empty"),
         ({"--vocabulary": "words_typo.txt"}, "vocabulary file words_typo.txt not found"),
+        ({"--boxes": "empty.json"}, "empty.json: empty file (0 bytes)"),
         ({"--boxes": None}, "needs an offline RPN"),
     ],
 )
@@ -112,6 +113,7 @@ def test_classify_bad_input_exits_2(env, capsys, change, message):
     (tmp / "bad.jpg").write_bytes(b"garbage")
     (tmp / "outside.json").write_text("[[0, 0, 500, 20]]")
     (tmp / "degenerate.json").write_text("[[5, 5, 5, 20]]")
+    (tmp / "empty.json").write_bytes(b"")
     opts = {"--image": "a.png", "--boxes": "boxes.json", "--vocabulary": "cat,dog"}
     opts.update(change)
     argv = ["classify", *common, *SIZE_ARGS, "--out", str(tmp / "x.json")]
@@ -119,17 +121,85 @@ def test_classify_bad_input_exits_2(env, capsys, change, message):
         if v is not None:
             argv += [k, v if k == "--vocabulary" else str(tmp / v)]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("regionclip-jax classify: error:") and message in err
+    # A bad image is reported as it is skipped, then the run ends with one error line.
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("regionclip-jax classify: error:") and message in err[-1]
 
 
-def test_duplicate_words_warn_and_dedupe(env):
+def test_words_that_embed_identically_are_an_error(env, capsys, monkeypatch):
+    """'Cat' and 'cat ' are one class after the tokenizer's cleaning: an error naming both."""
+    from regionclip_jax.inference import commands
+
     tmp, _, common = env
+    monkeypatch.setattr(commands, "_load_model", _no_work)
     argv = ["classify", *common, *SIZE_ARGS, "--image", str(tmp / "a.png"), "--boxes"]
-    argv += [str(tmp / "boxes.json"), "--vocabulary", "cat,dog,cat", "--out", str(tmp / "d.json")]
-    with pytest.warns(UserWarning, match="duplicate"):
-        assert main(argv) == 0
-    assert json.loads((tmp / "d.json").read_text())["classes"] == ["cat", "dog"]
+    argv += [str(tmp / "boxes.json"), "--vocabulary", "Cat,dog,cat ", "--out", str(tmp / "d.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "duplicate classes: 'Cat' (item 1) and 'cat' (item 3)" in err
+    assert not (tmp / "d.json").exists()
+
+
+def _no_work(args):
+    raise AssertionError("the model was loaded: the input should have been refused before")
+
+
+def _bad_middle_image(tmp):
+    (tmp / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return [str(tmp / "a.png"), str(tmp / "corrupt.jpg"), str(tmp / "b.jpg")]
+
+
+def test_classify_keeps_results_of_good_images(env, capsys):
+    """A bad image in the middle is skipped and reported; the others' results are on disk; exit 2."""
+    tmp, _, common = env
+    images = _bad_middle_image(tmp)
+    out = tmp / "kept.json"
+    argv = ["classify", *common, *SIZE_ARGS, "--image", *images, "--boxes", str(tmp / "boxes.json")]
+    assert main([*argv, "--vocabulary", "cat,dog", "--out", str(out), "--quiet"]) == 2
+    res = json.loads(out.read_text())
+    assert [r["image"] for r in res["results"]] == [images[0], images[2]]
+    assert all(r["regions"] for r in res["results"])
+    assert [f["image"] for f in res["failed"]] == [images[1]]
+    assert "cannot read image" in res["failed"][0]["error"]
+    err = capsys.readouterr().err
+    assert f"skipped {images[1]}: cannot read image" in err
+    assert "error: 1 of 3 image(s) failed, the results of the other 2 are in" in err
+
+
+def test_classify_on_error_stop_writes_jsonl_as_it_goes(env, capsys):
+    tmp, _, common = env
+    images = _bad_middle_image(tmp)
+    out = tmp / "stop.jsonl"
+    argv = ["classify", *common, *SIZE_ARGS, "--image", *images, "--boxes", str(tmp / "boxes.json")]
+    argv += ["--vocabulary", "cat,dog", "--out", str(out), "--on-error", "stop"]
+    assert main(argv) == 2
+    lines = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert lines[0] == {"classes": ["cat", "dog"]}
+    assert lines[1]["image"] == images[0] and lines[1]["regions"]
+    assert lines[2]["image"] == images[1] and "cannot read image" in lines[2]["error"]
+    assert len(lines) == 3  # stopped: b.jpg was not processed
+    assert "(--on-error stop: 1 image(s) not processed)" in capsys.readouterr().err
+
+
+def test_output_path_checked_before_the_work(env, capsys, monkeypatch):
+    """A missing --out folder is created; an --out that cannot be written fails before loading."""
+    from regionclip_jax.inference import commands
+
+    tmp, _, common = env
+    out = tmp / "new" / "deeper" / "dets.json"
+    argv = ["classify", *common, *SIZE_ARGS, "--image", str(tmp / "a.png"), "--boxes"]
+    argv += [str(tmp / "boxes.json"), "--vocabulary", "cat,dog"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["results"]) == 1
+    (tmp / "a_file").write_text("x")
+    monkeypatch.setattr(commands, "_load_model", _no_work)
+    for cmd in (argv, ["embed-text", *common, "--vocabulary", "cat,dog"]):
+        capsys.readouterr()
+        assert main([*cmd, "--out", str(tmp / "a_file" / "x.json")]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {tmp / 'a_file' / 'x.json'}: cannot create its folder" in err
+    assert main([*argv, "--out", str(tmp)]) == 2
+    assert "--out is a folder, give a file name" in capsys.readouterr().err
 
 
 def test_convert_regionclip(env, capsys):

@@ -161,6 +161,13 @@ def add_make_shards_arguments(p: argparse.ArgumentParser) -> None:
         help="images without a (kept) box: keep (evaluation) or skip (OVR-CNN training json)",
     )
     det.add_argument("--unknown-categories", choices=("drop", "error"), default="drop")
+    det.add_argument(
+        "--size-mismatch",
+        choices=("error", "rescale"),
+        default="error",
+        help="an image whose json width/height differ from the file's: stop with an error naming "
+        "it (default), or scale its boxes to the file's size",
+    )
     det.add_argument("--part-size", type=int, default=2000, help="images per part")
     det.add_argument("--min-box-size", type=float, default=0.0, metavar="PX")
     _common_shard_arguments(det)
@@ -218,6 +225,7 @@ def make_shards_command(args: argparse.Namespace) -> int:
                 keep=args.keep,
                 empty_images=args.empty_images,
                 unknown_categories=args.unknown_categories,
+                size_mismatch=args.size_mismatch,
                 min_box_size=args.min_box_size,
                 **common,
             )

@@ -40,6 +40,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 # -- word lists of the fallback -------------------------------------------------------------
 
@@ -93,6 +94,65 @@ IRREGULAR_PLURALS = {
 }  # fmt: skip
 _VES_TO_FE = frozenset({"knives", "wives", "lives"})
 _WORD = re.compile(r"[a-z]+(?:['\-][a-z]+)*")
+
+
+# -- reading input files (shared by the converters and the vocabulary) -------------------------
+
+
+def decode_utf8(
+    data: bytes, path: str | os.PathLike, what: str = "file", first_line: int = 1
+) -> str:
+    """`data` (the bytes of the file `path` from line `first_line` on) as text; a BOM is dropped.
+
+    Raises:
+      ValueError: not UTF-8, naming the file, the line and the column of the first bad byte.
+    """
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + first_line
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"{os.fspath(path)}:{line}: {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at "
+            f"column {column}): save it as UTF-8"
+        ) from None
+
+
+def read_utf8(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file; a decode error names the file and line (`decode_utf8`)."""
+    with open(path, "rb") as f:
+        return decode_utf8(f.read(), path, what)
+
+
+def load_json_file(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The parsed JSON of `path`; an empty or invalid file is a ValueError naming it (and the line).
+
+    Raises:
+      OSError: the file cannot be read (the error names it).
+      ValueError: not UTF-8, empty, or not valid JSON.
+    """
+    text = read_utf8(path, what)
+    if not text.strip():
+        raise ValueError(
+            f"{os.fspath(path)}: empty file ({os.path.getsize(path)} bytes), expected a {what}"
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{os.fspath(path)}:{e.lineno}: not valid JSON ({e.msg}, line {e.lineno} column "
+            f"{e.colno}), expected a {what}"
+        ) from None
+
+
+def json_line(line: str, path: str | os.PathLike, lineno: int) -> Any:
+    """One line of a JSON Lines file; an invalid line is a ValueError naming the file and line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{os.fspath(path)}:{lineno}: not valid JSON ({e.msg}, column {e.colno})"
+        ) from None
 
 
 def singular(word: str) -> str:
@@ -175,6 +235,7 @@ def iter_captions(paths: Sequence[str]) -> Iterator[str]:
     """Captions of shard directories/manifests, COCO captions json, JSONL or plain text files.
 
     Text files hold one caption per line; JSONL lines need a "caption"/"captions"/"text" key.
+    Files must be UTF-8: a read error names the file and the line.
     """
     for path in paths:
         path = os.fspath(path)
@@ -185,24 +246,32 @@ def iter_captions(paths: Sequence[str]) -> Iterator[str]:
                 for rec in reader:
                     yield from rec["captions"]
         elif path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = load_json_file(path, "COCO captions json")
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a COCO captions json object")
             for ann in data.get("annotations", []):
                 if "caption" in ann:
                     yield str(ann["caption"])
         elif path.endswith((".jsonl", ".ndjson")):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    obj = json.loads(line)
-                    caps = obj.get("captions", obj.get("caption", obj.get("text", [])))
-                    yield from [caps] if isinstance(caps, str) else caps
+            for lineno, line in _utf8_lines(path, "JSON Lines file"):
+                if not line.strip():
+                    continue
+                obj = json_line(line, path, lineno)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+                caps = obj.get("captions", obj.get("caption", obj.get("text", [])))
+                yield from [caps] if isinstance(caps, str) else caps
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.strip():
-                        yield line.rstrip("\n")
+            for _, line in _utf8_lines(path, "caption file"):
+                if line.strip():
+                    yield line.rstrip("\r\n")
+
+
+def _utf8_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file, streamed; errors name file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, decode_utf8(raw, path, what, first_line=lineno)
 
 
 def count_concepts(
@@ -239,9 +308,16 @@ def write_concepts(path: str, concepts: Sequence[tuple[str, int]]) -> None:
 
 
 def load_concepts(path: str) -> list[str]:
-    """Concept names of a file written by `write_concepts` (blank lines and '#' lines ignored)."""
-    with open(path, encoding="utf-8") as f:
-        return [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
+    """Concept names of a file written by `write_concepts` (blank lines and '#' lines ignored).
+
+    Raises:
+      ValueError: the file is not UTF-8 (naming the line) or holds no concept.
+    """
+    text = read_utf8(path, "concept file")
+    names = [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+    if not names:
+        raise ValueError(f"{path}: no concepts (the concept file is empty)")
+    return names
 
 
 def build_concept_pool(
@@ -252,7 +328,22 @@ def build_concept_pool(
     method: str = "auto",
     max_concepts: int | None = None,
 ) -> dict:
-    """Counts, thresholds and writes the pool; returns a summary dict."""
+    """Counts, thresholds and writes the pool; returns a summary dict.
+
+    Raises:
+      ValueError: no captions in `inputs`, or no concept mentioned `min_count` times (nothing is
+        written then); OSError: the folder of `output` cannot be created (checked first).
+    """
+    missing = [p for p in inputs if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(2, "No such input", os.fspath(missing[0]))
+    # Before the (possibly hours of) counting: the output's folder exists and is writable.
+    out_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isdir(output):
+        raise IsADirectoryError(21, "--out is a folder, give a file name", output)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(13, "cannot write into the folder of --out", out_dir)
     n_captions = 0
 
     def counted():
@@ -262,7 +353,15 @@ def build_concept_pool(
             yield c
 
     counts, used = count_concepts(counted(), method=method)
+    if n_captions == 0:
+        raise ValueError(f"no captions in {', '.join(map(os.fspath, inputs))}: nothing to count")
     concepts = frequent_concepts(counts, min_count)
+    if not concepts:
+        top = ", ".join(f"{c} ({n})" for c, n in frequent_concepts(counts, 1)[:5]) or "none"
+        raise ValueError(
+            f"no concept is mentioned at least {min_count} times in {n_captions:,} captions "
+            f"(most frequent: {top}): lower --min-count"
+        )
     if max_concepts is not None:
         concepts = concepts[:max_concepts]
     write_concepts(output, concepts)

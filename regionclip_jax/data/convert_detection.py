@@ -10,7 +10,8 @@ as in LVIS). Captions are empty. Writing, parallelism, resuming and the merged m
 of `convert_imagetext.convert_parts`.
 
 Checks of the json (a user's own data set is checked the same way):
-  - missing `images` / `annotations` / `categories`, an image without `id` (or without
+  - a file that is empty, not UTF-8 or not valid JSON: an error naming it (and the line);
+  - missing or empty `images` / `annotations`, missing `categories`, an image without `id` (or without
     `file_name` and `coco_url`), an annotation without `image_id` / `category_id` / a 4-number
     `bbox`: `AnnotationError` naming the first offending entries and how many there are
     (nothing is written);
@@ -22,6 +23,10 @@ Checks of the json (a user's own data set is checked the same way):
   - image with no annotation: kept with an empty [0, 4] box array (`empty_images="keep"`, the
     default: evaluation sets need them) or skipped and counted as `skipped.no_boxes`
     (`empty_images="skip"`, what OVR-CNN does for its base training json);
+  - an image whose `width` / `height` differ from the image file's: `SizeMismatchError` naming
+    the image, the recorded and the real size (`size_mismatch="error"`, the default; detectron2
+    raises too), or its boxes are scaled to the real size (`size_mismatch="rescale"`, counted as
+    `repaired.boxes_rescaled_to_image`). The check reads the image header while writing;
   - boxes partly outside the image are clipped, degenerate (w or h <= 0 after clipping) and
     non-finite boxes dropped, each counted (schema.sanitize_record); an image file that is
     missing is skipped as `missing_file`, one that does not decode as `corrupt_image`.
@@ -38,12 +43,19 @@ with its `split`, and `metadata.category_map` maps the kept category ids to cont
 from __future__ import annotations
 
 import collections
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from regionclip_jax.data.convert_imagetext import _chunk_parts, _describe_item, convert_parts
+from regionclip_jax.data.concepts import load_json_file
+from regionclip_jax.data.convert_imagetext import (
+    SizeMismatchError,
+    _chunk_parts,
+    _describe_item,
+    convert_parts,
+)
+
+__all__ = ["AnnotationError", "SizeMismatchError", "convert_detection", "load_detection_json"]
 from regionclip_jax.data.ov_splits import category_split
 
 
@@ -85,13 +97,15 @@ def load_detection_json(
         raise ValueError(f"keep={keep!r} needs a split (coco48_17 or lvis)")
     if unknown_categories not in ("drop", "error"):
         raise ValueError("unknown_categories must be 'drop' or 'error'")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = load_json_file(path, "COCO-format instances json")
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: not a COCO-format json object")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise AnnotationError(f"{path}: no {key!r} list: not a COCO-format instances json")
+    for key in ("images", "annotations"):
+        if not data[key]:
+            raise AnnotationError(f"{path}: the {key!r} list is empty: nothing to convert")
     _fail_if(
         [f"categories[{i}]={c}" for i, c in enumerate(data["categories"]) if "id" not in c],
         "categories without 'id'",
@@ -171,7 +185,12 @@ def load_detection_json(
 
 
 def detection_parts(
-    data: dict, per_image: Mapping[Any, list[dict]], image_root: str, source: str, part_size: int
+    data: dict,
+    per_image: Mapping[Any, list[dict]],
+    image_root: str,
+    source: str,
+    part_size: int,
+    size_mismatch: str = "error",
 ):
     """Parts of the images of a loaded json (records in the json's image order)."""
     items = []
@@ -191,6 +210,7 @@ def detection_parts(
                 ],
                 "category_ids": [int(a["category_id"]) for a in anns],
                 "iscrowd": [int(a.get("iscrowd", 0)) for a in anns],
+                "size_mismatch": size_mismatch,
             }
         )
     return list(_chunk_parts(items, part_size, _describe_item))
@@ -205,6 +225,7 @@ def convert_detection(
     keep: str = "all",
     empty_images: str = "keep",
     unknown_categories: str = "drop",
+    size_mismatch: str = "error",
     source: str | None = None,
     part_size: int = 2000,
     num_workers: int = 0,
@@ -224,6 +245,8 @@ def convert_detection(
       keep: "all", "base" or "novel" annotations (with a split).
       empty_images: "keep" (empty box array) or "skip" (counted as `no_boxes`).
       unknown_categories: "drop" (counted) or "error".
+      size_mismatch: an image whose json size differs from its file's: "error"
+        (`SizeMismatchError` naming it) or "rescale" (boxes scaled to the file's size).
       source: records' `source` (default: the json's base name).
       part_size: images per part (unit of parallel work and of resuming).
       num_workers, resume, check_images, min_box_size, progress, set_total: see
@@ -231,11 +254,13 @@ def convert_detection(
     """
     if empty_images not in ("keep", "skip"):
         raise ValueError(f"empty_images must be 'keep' or 'skip', got {empty_images!r}")
+    if size_mismatch not in ("error", "rescale"):
+        raise ValueError(f"size_mismatch must be 'error' or 'rescale', got {size_mismatch!r}")
     data, per_image, meta, counts = load_detection_json(
         annotations, split=split, keep=keep, unknown_categories=unknown_categories
     )
     source = source or os.path.splitext(os.path.basename(annotations))[0]
-    parts = detection_parts(data, per_image, image_root, source, part_size)
+    parts = detection_parts(data, per_image, image_root, source, part_size, size_mismatch)
     repaired = {k: v for k, v in counts.items() if k.startswith("annotation_")}
     meta.update(
         converter="detection",
@@ -243,6 +268,7 @@ def convert_detection(
         split=split,
         keep=keep,
         empty_images=empty_images,
+        size_mismatch=size_mismatch,
         annotations={
             "in_json": len(data["annotations"]),
             "kept": sum(len(v) for v in per_image.values()),

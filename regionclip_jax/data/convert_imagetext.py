@@ -31,6 +31,14 @@ Skipped and repaired inputs: the part writers count per reason (schema.py's poli
 sums the counts, keeps the first ids per reason, and `format_summary` prints them. Ids that occur
 in two different parts (the same image listed twice, far apart) are kept and counted in
 `metadata.duplicate_ids_across_parts`: nothing is dropped without a count.
+
+Wrong input is an error, not a silent success: a list, folder or json without images raises
+before anything is written; a conversion that writes no record at all (e.g. every image missing
+under a wrong `--image-root`) raises after writing the manifest, naming the skip reasons; input
+files must be UTF-8 and valid JSON, and a read error names the file (and the line of a list).
+Items may carry `size_mismatch` ("error" / "rescale", set by the detection converter): when the
+size they state differs from the image file's, `SizeMismatchError` names the image, or the boxes
+are rescaled to the real size (counted as `repaired.boxes_rescaled_to_image`).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from regionclip_jax.data.concepts import json_line, load_json_file, read_utf8
 from regionclip_jax.data.schema import SCHEMA_VERSION
 from regionclip_jax.data.shards import (
     DEFAULT_WRITER_OPTIONS,
@@ -117,28 +126,66 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
+class SizeMismatchError(ValueError):
+    """An annotation's image size differs from the image file's (the boxes would be wrong)."""
+
+
+def _header_size(image: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header, None when it does not decode."""
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            return im.size
+    except Exception:  # undecodable: the writer counts it as corrupt_image
+        return None
+
+
 def _write_item(writer: ShardWriter, item: Mapping[str, Any]) -> str | None:
     """Loads an item's image (if given by path) and writes it through the writer's policy.
 
-    Returns the id when the record was written, None when it was skipped (and counted)."""
+    Returns the id when the record was written, None when it was skipped (and counted).
+
+    Raises:
+      SizeMismatchError: the item says `size_mismatch="error"` and its stated size differs from
+        the image file's.
+    """
     rec = dict(item)
+    mismatch = rec.pop("size_mismatch", None)
+    path = rec.pop("path", None)
     if rec.get("image") is None:
-        path = rec.pop("path", None)
         try:
             rec["image"] = _read_file(path)
         except (OSError, TypeError) as e:
             _count_skip(writer, "missing_file", rec.get("id"), f"{path}: {e}")
             return None
-    rec.pop("path", None)
+    rescaled = False
     if rec.get("height") is None or rec.get("width") is None:
         # Lists do not give sizes: read them from the header so that only sizes the input
         # states wrongly count as `size_repaired`.
-        try:
-            with Image.open(io.BytesIO(rec["image"])) as im:
-                rec["width"], rec["height"] = im.size
-        except Exception:  # undecodable: the writer counts it as corrupt_image
-            pass
-    return rec["id"] if writer.write(rec) else None
+        size = _header_size(rec["image"])
+        if size is not None:
+            rec["width"], rec["height"] = size
+    elif mismatch is not None:
+        size = _header_size(rec["image"])
+        stated = (rec["width"], rec["height"])
+        if size is not None and tuple(size) != tuple(stated):
+            name = path if path is not None else f"record {rec.get('id')}"
+            if mismatch != "rescale":
+                raise SizeMismatchError(
+                    f"image {rec.get('id')} ({name}): the annotations give its size as "
+                    f"{stated[0]}x{stated[1]} (width x height) but the file is "
+                    f"{size[0]}x{size[1]}; its boxes are in the annotated frame. Fix the json, "
+                    "or pass --size-mismatch rescale to scale the boxes to the file's size"
+                )
+            sx, sy = size[0] / float(stated[0]), size[1] / float(stated[1])
+            if rec.get("boxes") is not None:
+                b = np.asarray(rec["boxes"], np.float64).reshape(-1, 4)
+                rec["boxes"] = (b * [sx, sy, sx, sy]).tolist()
+            rec["width"], rec["height"] = size
+            rescaled = True
+    written = writer.write(rec)
+    if written and rescaled:
+        writer.repaired["boxes_rescaled_to_image"] += 1
+    return rec["id"] if written else None
 
 
 IDS_NAME = "ids.u64"
@@ -362,7 +409,25 @@ def convert_parts(
     ]
     merged["metadata"]["duplicate_ids_across_parts"] = _cross_part_duplicates(out_dir, parts)
     _atomic_write_text(top, json.dumps(merged, indent=1) + "\n")
+    if merged["num_records"] == 0:
+        raise ValueError(_nothing_written(out_dir, merged))
     return merged
+
+
+def _nothing_written(out_dir: str, manifest: Mapping[str, Any]) -> str:
+    if manifest["input_records"] == 0:
+        return f"no record written to {out_dir}: the input holds no images"
+    skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items())
+    first = "; ".join(
+        f"{reason}: {ex[0][0]} ({ex[0][1]})"
+        for reason, ex in manifest.get("skipped_examples", {}).items()
+        if ex
+    )
+    hint = " (is --image-root right?)" if "missing_file" in manifest["skipped"] else ""
+    return (
+        f"no record written to {out_dir}: all {manifest['input_records']} input image(s) were "
+        f"skipped ({skipped}){hint}; first: {first}"
+    )
 
 
 def merge_manifests(
@@ -451,7 +516,9 @@ def _chunk_parts(items: Sequence[dict], part_size: int, describe: Callable[[dict
 
 
 def _describe_item(item: dict) -> Any:
-    d = {k: v for k, v in item.items() if k not in ("image", "path")}
+    # `size_mismatch` is left out: a part finished with "error" had no mismatch, so it is what
+    # "rescale" would write too (a changed option does not rewrite finished parts).
+    d = {k: v for k, v in item.items() if k not in ("image", "path", "size_mismatch")}
     if "path" in item:
         d["file"] = file_stamp(item["path"])
     return d
@@ -469,28 +536,34 @@ def read_caption_list(path: str, image_root: str | None = None) -> list[tuple[st
     """(image path, captions) per image from a JSONL / TSV / CSV list; rows of one image merged.
 
     Raises:
-      ValueError: naming the file and line, when a row has no image or caption column.
+      ValueError: naming the file and line, when the file is not UTF-8, a JSONL line is not
+        valid JSON, or a row has no image or caption column.
     """
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     ext = os.path.splitext(path)[1].lower()
     rows: list[tuple[str, list[str]]] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext in (".jsonl", ".json", ".ndjson"):
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-                ik, ck = _pick(obj, _IMAGE_COLUMNS), _pick(obj, _CAPTION_COLUMNS)
-                if ik is None or ck is None:
-                    raise ValueError(
-                        f"{path}:{lineno}: need an image key ({'/'.join(_IMAGE_COLUMNS[:4])}) "
-                        f"and a caption key ({'/'.join(_CAPTION_COLUMNS[:3])}), got {sorted(obj)}"
-                    )
-                caps = obj[ck]
-                rows.append((obj[ik], [caps] if isinstance(caps, str) else list(caps or [])))
-        else:
-            delim = "\t" if ext in (".tsv", ".txt") else ","
-            reader = csv.reader(f, delimiter=delim)
+    f = io.StringIO(read_utf8(path, "caption list"), newline="")
+    if ext in (".jsonl", ".json", ".ndjson"):
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json_line(line, path, lineno)
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {line.strip():.60}")
+            ik, ck = _pick(obj, _IMAGE_COLUMNS), _pick(obj, _CAPTION_COLUMNS)
+            if ik is None or ck is None:
+                raise ValueError(
+                    f"{path}:{lineno}: need an image key ({'/'.join(_IMAGE_COLUMNS[:4])}) "
+                    f"and a caption key ({'/'.join(_CAPTION_COLUMNS[:3])}), got {sorted(obj)}"
+                )
+            if not isinstance(obj[ik], str) or not obj[ik]:
+                raise ValueError(f"{path}:{lineno}: the image must be a file name, got {obj[ik]!r}")
+            caps = obj[ck]
+            rows.append((obj[ik], [caps] if isinstance(caps, str) else list(caps or [])))
+    else:
+        delim = "\t" if ext in (".tsv", ".txt") else ","
+        reader = csv.reader(f, delimiter=delim)
+        try:
             first = next(reader, None)
             if first is None:
                 return []
@@ -507,12 +580,16 @@ def read_caption_list(path: str, image_root: str | None = None) -> list[tuple[st
                         f"({'/'.join(_IMAGE_COLUMNS[:4])}) or caption column "
                         f"({'/'.join(_CAPTION_COLUMNS[:3])})"
                     )
-            for lineno, row in enumerate(reader, 2):
+            for row in reader:
                 if not row:
                     continue
                 if len(row) <= max(ik, ck):
-                    raise ValueError(f"{path}:{lineno}: {len(row)} column(s), expected more")
+                    raise ValueError(
+                        f"{path}:{reader.line_num}: {len(row)} column(s), expected more"
+                    )
                 rows.append((row[ik], [row[ck]]))
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: {e}") from None
     merged: dict[str, list[str]] = {}
     for image, caps in rows:
         full = image if os.path.isabs(image) else os.path.join(root, image)
@@ -528,12 +605,18 @@ def _relative_id(path: str, root: str) -> str:
 def caption_list_parts(
     list_file: str, *, image_root: str | None = None, source: str = "", part_size: int = 5000
 ) -> list[Part]:
-    """Parts of a JSONL/TSV/CSV caption list; ids are image paths relative to the image root."""
+    """Parts of a JSONL/TSV/CSV caption list; ids are image paths relative to the image root.
+
+    Raises:
+      ValueError: the list names no image (an empty file, or a header only), or is unreadable.
+    """
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(list_file))
     items = [
         {"id": _relative_id(p, root), "source": source, "path": p, "captions": caps}
         for p, caps in read_caption_list(list_file, image_root)
     ]
+    if not items:
+        raise ValueError(f"{list_file}: the caption list is empty (no image listed)")
     return list(_chunk_parts(items, part_size, _describe_item))
 
 
@@ -541,7 +624,7 @@ def folder_parts(folder: str, *, source: str = "", part_size: int = 5000) -> lis
     """Parts of a folder of images with `NAME.txt` captions (one caption per line) beside them.
 
     An image without its `.txt` gets no caption (then skipped as `no_captions` when captions are
-    required).
+    required). A folder without images is an error; a caption file must be UTF-8.
     """
     items = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -553,11 +636,14 @@ def folder_parts(folder: str, *, source: str = "", part_size: int = 5000) -> lis
             txt = os.path.splitext(path)[0] + ".txt"
             caps: list[str] = []
             if os.path.exists(txt):
-                with open(txt, encoding="utf-8", errors="replace") as f:
-                    caps = [line for line in f.read().splitlines() if line.strip()]
+                caps = [ln for ln in read_utf8(txt, "caption file").splitlines() if ln.strip()]
             items.append(
                 {"id": _relative_id(path, folder), "source": source, "path": path, "captions": caps}
             )
+    if not items:
+        raise ValueError(
+            f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below it"
+        )
     return list(_chunk_parts(items, part_size, _describe_item))
 
 
@@ -577,13 +663,15 @@ def coco_captions_parts(
     """Parts of a COCO Captions json; id = str(image id), captions in annotation order.
 
     Raises:
-      ValueError: the json lacks `images` / `annotations`, or an entry lacks a needed field.
+      ValueError: the json is unreadable (naming the file), lacks `images` / `annotations` or
+        has no image, or an entry lacks a needed field.
     """
-    with open(json_path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = load_json_file(json_path, "COCO captions json")
     for key in ("images", "annotations"):
-        if key not in data:
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise ValueError(f"{json_path}: no {key!r} list: not a COCO captions json")
+    if not data["images"]:
+        raise ValueError(f"{json_path}: the 'images' list is empty: nothing to convert")
     caps: dict[int, list[str]] = collections.defaultdict(list)
     for i, ann in enumerate(data["annotations"]):
         if "image_id" not in ann or "caption" not in ann:
@@ -689,6 +777,6 @@ def convert_imagetext(
 
 
 def _looks_like_coco(path: str) -> bool:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # only sniffs: errors come later
         head = f.read(1 << 16)
     return '"images"' in head or '"annotations"' in head or '"info"' in head

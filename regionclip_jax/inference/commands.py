@@ -13,6 +13,14 @@ Each command is `add_<name>_arguments(parser)` + `run_<name>(args) -> exit code`
 failures raise ValueError / OSError (cli.main prints one line and exits 2); `main(argv)` here
 does the same for `python -m regionclip_jax.inference.commands`.
 
+Output paths are checked before any work: the folder of `--out` is created, and a path that is a
+folder or cannot be written is an error. `classify` keeps its results on disk as it goes: a
+`.jsonl` `--out` gets one line per image (the first line holds the classes), any other name holds
+one JSON object `{"classes", "results", "failed"}` rewritten (atomically) after every image. An
+image that cannot be read or whose boxes are invalid is reported (`skipped IMAGE: reason` on
+stderr), listed under `failed` and skipped; the run goes on (`--on-error stop`: stops there) and
+ends with exit 2 naming the failed images, the results of the others kept.
+
 boxes.json: absolute xyxy pixels of the original image, either a list `[[x1, y1, x2, y2], ...]`,
 `{"boxes": [...]}`, or, for several images, `{"<file name or path>": [[...], ...], ...}`.
 """
@@ -79,12 +87,12 @@ def read_boxes(path: str | os.PathLike, images: Sequence[str]) -> dict[str, list
     """boxes.json -> {image path: [[x1, y1, x2, y2], ...]} for each of `images`.
 
     Raises:
-      ValueError: not JSON, a wrong structure, or no boxes for one of the images.
+      ValueError: not UTF-8, empty or not JSON (naming the file and line), a wrong structure, or
+        no boxes for one of the images.
     """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    from regionclip_jax.data.concepts import load_json_file
+
+    data = load_json_file(path, "boxes json")
     if isinstance(data, dict) and "boxes" in data and len(data) == 1:
         data = data["boxes"]
     if isinstance(data, list):
@@ -100,6 +108,26 @@ def read_boxes(path: str | os.PathLike, images: Sequence[str]) -> dict[str, list
         else:
             raise ValueError(f"{path} has no boxes for image {img!r} (keys: file name or path)")
     return out
+
+
+def check_output(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Makes sure an output file can be written, before the work: creates its folder.
+
+    Raises:
+      OSError: the path is a folder, its folder cannot be created, or it is not writable (the
+        error names the path).
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(21, f"{what} is a folder, give a file name", str(p))
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"{what} {p}: cannot create its folder ({e.strerror})"
+        raise type(e)(e.errno, msg, str(e.filename or p.parent)) from None
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise PermissionError(13, f"{what} is not writable", str(p))
+    return p
 
 
 # ----------------------------------------------------------------------------------- embed-text
@@ -125,8 +153,12 @@ def add_embed_text_arguments(p: argparse.ArgumentParser) -> None:
 def run_embed_text(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from regionclip_jax.inference.vocabulary import parse_vocabulary
+
+    check_output(args.out)
+    words = parse_vocabulary(args.vocabulary)  # fail on a bad vocabulary before loading
     model = _load_model(args)
-    words, emb = model.text_embeddings(args.vocabulary)
+    words, emb = model.text_embeddings(words)
     np.save(args.out, emb)
     Path(args.out).with_suffix(".txt").write_text("\n".join(words) + "\n", encoding="utf-8")
     print(
@@ -163,6 +195,9 @@ def run_region_features(args: argparse.Namespace) -> int:
     import numpy as np
 
     boxes = read_boxes(args.boxes, [args.image])[args.image]
+    if not os.path.isfile(args.image):
+        raise FileNotFoundError(2, "No such image file", args.image)
+    check_output(args.out)
     model = _load_model(args)
     prepared, b = model.prepare(args.image, boxes, clip_boxes=args.clip_boxes)
     feats = model.region_features(prepared.image[None], prepared.to_canvas(b)[None])[0]
@@ -210,7 +245,21 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="words file (one per line) or comma-separated words",
     )
-    p.add_argument("--out", "-o", required=True, metavar="FILE.json", help="detections JSON")
+    p.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="FILE.json|FILE.jsonl",
+        help="detections: a .json file (one object, rewritten after every image) or a .jsonl "
+        "file (one line per image, appended as it goes); its folder is created",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=("skip", "stop"),
+        default="skip",
+        help="an image that cannot be read or has invalid boxes: skip it, report it and go on "
+        "(exit 2 at the end), or stop there; results so far are kept either way (default: skip)",
+    )
     p.add_argument(
         "--vis",
         metavar="PNG|DIR",
@@ -239,6 +288,59 @@ def _regions(scores, names: list[str]) -> list[dict]:
     return out
 
 
+class ImagesFailed(ValueError):
+    """Some images of a many-image command failed; the results of the others are on disk."""
+
+
+class _Results:
+    """`classify --out`, kept on disk as images finish (see the module docstring)."""
+
+    def __init__(self, path: Path, classes: list[str]):
+        self.path, self.classes = path, list(classes)
+        self.jsonl = path.suffix.lower() == ".jsonl"
+        self.results: list[dict] = []
+        self.failed: list[dict] = []
+        if self.jsonl:
+            self._file = open(path, "w", encoding="utf-8")  # closed by close()
+            self._line({"classes": self.classes})
+        else:
+            self._rewrite()
+
+    def _line(self, obj: dict) -> None:
+        self._file.write(json.dumps(obj) + "\n")
+        self._file.flush()
+
+    def _rewrite(self) -> None:
+        doc = {"classes": self.classes, "results": self.results, "failed": self.failed}
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def add(self, result: dict) -> None:
+        self.results.append(result)
+        self._save(result)
+
+    def fail(self, image: str, reason: str) -> None:
+        self.failed.append({"image": image, "error": reason})
+        self._save(self.failed[-1])
+
+    def _save(self, entry: dict) -> None:
+        if self.jsonl:
+            self._line(entry)
+        else:
+            self._rewrite()
+
+    def close(self) -> None:
+        if self.jsonl:
+            self._file.close()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    return str(e) or type(e).__name__
+
+
 def run_classify(args: argparse.Namespace) -> int:
     if args.boxes is None and args.rpn is None:
         raise ValueError(
@@ -253,29 +355,66 @@ def run_classify(args: argparse.Namespace) -> int:
     boxes = None if args.boxes is None else read_boxes(args.boxes, images)
     from regionclip_jax.inference.vocabulary import parse_vocabulary
 
-    words = parse_vocabulary(args.vocabulary)  # fail on an empty vocabulary before loading
-    model = _load_model(args)
-    names, _ = model.class_embeddings(words)
+    words = parse_vocabulary(args.vocabulary)  # fail on a bad vocabulary before loading
+    out_path = check_output(args.out)
     vis_dir = None
     if args.vis and (len(images) > 1 or not args.vis.lower().endswith(".png")):
         vis_dir = Path(args.vis)
         vis_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    elif args.vis:
+        check_output(args.vis, "--vis")
+    # Written now (no results yet), so a bad --out fails before the model is loaded.
+    results = _Results(out_path, words)
+    try:
+        model = _load_model(args)
+        names, _ = model.class_embeddings(words)
+        results.classes = names
+        _classify_images(args, model, images, boxes, words, names, vis_dir, results)
+    finally:
+        results.close()
+    n = sum(len(r["detections"]) for r in results.results)
+    print(f"wrote {args.out}: {n} detections in {len(results.results)} image(s)")
+    if results.failed:
+        shown = "; ".join(f"{f['image']}: {f['error']}" for f in results.failed[:3])
+        more = f" (+{len(results.failed) - 3} more)" if len(results.failed) > 3 else ""
+        done = len(results.results) + len(results.failed)
+        stopped = (
+            f" (--on-error stop: {len(images) - done} image(s) not processed)"
+            if done < len(images)
+            else ""
+        )
+        raise ImagesFailed(
+            f"{len(results.failed)} of {len(images)} image(s) failed{stopped}, the results of "
+            f"the other {len(results.results)} are in {args.out}: {shown}{more}"
+        )
+    return 0
+
+
+def _classify_images(args, model, images, boxes, words, names, vis_dir, results: _Results):
     from tqdm.auto import tqdm
 
-    for img in tqdm(
+    from regionclip_jax.inference.recognizer import Detections, postprocess
+
+    bar = tqdm(
         images,
         desc="classify",
         unit="image",
         disable=args.quiet or len(images) < 2,
         file=sys.stderr,
-    ):
-        if boxes is None:  # proposal mode
-            scores = model.classify_proposals(img, words)
-        else:
-            scores = model.classify_regions(img, boxes[img], words, clip_boxes=args.clip_boxes)
-        from regionclip_jax.inference.recognizer import Detections, postprocess
-
+    )
+    for img in bar:
+        try:
+            if boxes is None:  # proposal mode
+                scores = model.classify_proposals(img, words)
+            else:
+                scores = model.classify_regions(img, boxes[img], words, clip_boxes=args.clip_boxes)
+        except (OSError, ValueError) as e:  # an unreadable image or invalid boxes
+            reason = _reason(e)
+            results.fail(img, reason)
+            bar.write(f"regionclip-jax classify: skipped {img}: {reason}", file=sys.stderr)
+            if args.on_error == "stop":
+                break
+            continue
         b, s, k = postprocess(
             scores.boxes,
             scores.probs,
@@ -285,7 +424,7 @@ def run_classify(args: argparse.Namespace) -> int:
             max_detections=args.max_dets,
         )
         dets = Detections(b, s, k, names)
-        results.append(
+        results.add(
             {
                 "image": img,
                 "detections": dets.to_dict()["detections"],
@@ -298,10 +437,6 @@ def run_classify(args: argparse.Namespace) -> int:
 
             out = vis_dir / f"{Path(img).stem}.png" if vis_dir else Path(args.vis)
             draw_detections(load_image(img), dets, out=out)
-    Path(args.out).write_text(json.dumps({"classes": names, "results": results}, indent=1) + "\n")
-    n = sum(len(r["detections"]) for r in results)
-    print(f"wrote {args.out}: {n} detections in {len(images)} image(s)")
-    return 0
 
 
 # --------------------------------------------------------------------------- convert-regionclip

@@ -454,7 +454,7 @@ class RegionCLIP:
         Args:
           image: path or uint8 [H, W, 3] RGB.
           boxes: `[R, 4]` xyxy in original image pixels.
-          vocabulary: words (list, "cat,dog" or a file path); duplicates dropped with a warning.
+          vocabulary: words (list, "cat,dog" or a file path); duplicates are an error.
           exemplars: extra class queries `{name: [D] embedding}` (`exemplar_embedding`).
           clip_boxes: clip boxes to the image instead of rejecting those that extend past it.
         """

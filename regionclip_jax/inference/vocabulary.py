@@ -22,19 +22,24 @@ import numpy as np
 
 
 def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]:
-    """The words of a vocabulary, deduplicated (first occurrence kept, with a warning).
+    """The words of a vocabulary, one class each.
 
     Args:
-      vocabulary: a list of words; a path to a text file (one word per line, blank lines and
-        lines starting with '#' skipped); or a comma-separated string ("cat,dog"). A string
+      vocabulary: a list of words; a path to a UTF-8 text file (one word per line, blank lines
+        and lines starting with '#' skipped); or a comma-separated string ("cat,dog"). A string
         without a comma that looks like a path (it contains '/' or '\\', or is one token ending
         in an extension such as `words.txt`) must be an existing file: a mistyped file name is an
         error, not a one-class vocabulary. To use such a string as a word, add a comma
         ("dog.png,") or pass a list.
 
+    Two words that are the same text after the tokenizer's own cleaning (`text.tokenizer.
+    clean_text`: ftfy, HTML unescaping, whitespace collapsed, lower-case; e.g. "Cat" and "cat ",
+    or "hot  dog" and "Hot Dog") would embed identically, so they are not two classes: that is an
+    error naming both spellings (and their lines in a file).
+
     Raises:
       FileNotFoundError: a path-like vocabulary that is not a file.
-      ValueError: no words.
+      ValueError: no words, duplicate words, or a file that is not UTF-8 (naming the line).
     """
     if (
         isinstance(vocabulary, str)
@@ -45,39 +50,50 @@ def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]
             f"vocabulary file {vocabulary} not found (to use the text as a class name, add a "
             f"comma: '{vocabulary.strip()},')"
         )
+    # (word, where it is: "line 3" of a file or "word 2" of a list) of each entry.
+    entries: list[tuple[str, str]] = []
     if isinstance(vocabulary, os.PathLike) or (
         isinstance(vocabulary, str) and os.path.isfile(vocabulary)
     ):
-        text = Path(vocabulary).read_text(encoding="utf-8")
-        words = [ln.strip() for ln in text.splitlines()]
-        words = [w for w in words if w and not w.startswith("#")]
+        from regionclip_jax.data.concepts import read_utf8
+
+        text = read_utf8(vocabulary, "vocabulary file")
+        for lineno, ln in enumerate(text.splitlines(), 1):
+            w = ln.strip()
+            if w and not w.startswith("#"):
+                entries.append((w, f"line {lineno}"))
         where = f"vocabulary file {os.fspath(vocabulary)}"
     elif isinstance(vocabulary, str):
-        words = [w.strip() for w in vocabulary.split(",")]
-        words = [w for w in words if w]
+        for i, w in enumerate(vocabulary.split(",")):
+            if w.strip():
+                entries.append((w.strip(), f"item {i + 1}"))
         where = "vocabulary"
     else:
-        words = []
-        for w in vocabulary:
+        for i, w in enumerate(vocabulary):
             if not isinstance(w, str):
                 raise ValueError(f"vocabulary entries must be strings, got {w!r:.60}")
             if w.strip():
-                words.append(w.strip())
+                entries.append((w.strip(), f"item {i + 1}"))
         where = "vocabulary"
-    if not words:
+    if not entries:
         raise ValueError(f"{where} is empty: give at least one word (e.g. 'cat,dog')")
-    seen: dict[str, None] = {}
+    from regionclip_jax.text.tokenizer import clean_text
+
+    first: dict[str, tuple[str, str]] = {}
     dupes = []
-    for w in words:
-        if w in seen:
-            dupes.append(w)
+    for w, at in entries:
+        key = clean_text(w)
+        if key in first:
+            dupes.append(f"{first[key][0]!r} ({first[key][1]}) and {w!r} ({at})")
         else:
-            seen[w] = None
+            first[key] = (w, at)
     if dupes:
-        warnings.warn(
-            f"{where}: dropped duplicate words {sorted(set(dupes))}", UserWarning, stacklevel=2
+        more = f" (and {len(dupes) - 3} more)" if len(dupes) > 3 else ""
+        raise ValueError(
+            f"{where}: duplicate classes: {'; '.join(dupes[:3])}{more} are the same text after "
+            "the tokenizer's normalisation (case, spaces, HTML entities): give each class once"
         )
-    return list(seen)
+    return [w for w, _ in entries]
 
 
 # One token (no spaces) ending in a 1-5 character extension: `words.txt`, `vocab.json`.
