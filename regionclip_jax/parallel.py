@@ -356,6 +356,15 @@ def gather_to_host(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def sync_processes(name: str) -> None:
+    """Waits until every process of a multi-process job reaches the barrier `name` (no-op with
+    one process). Used where process 0 writes files the others then read or wait for."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def host_to_global(tree: Any, shardings: Any) -> Any:
     """Places whole host arrays (the same on every process) onto `shardings`; each process
     copies only the pieces its devices hold."""

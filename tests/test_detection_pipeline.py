@@ -186,6 +186,37 @@ def test_determinism_resume_and_sharding(coco):
     assert sorted(np.concatenate(shares)) == list(range(N))
 
 
+def _global_batches(d, processes: int, n: int, **kw) -> list[dict[str, np.ndarray]]:
+    """The first `n` global batches of 4 examples as `processes` processes read them (each
+    its block of every global batch, blocks concatenated in process order)."""
+    parts = [
+        _take(_ds(d, batch_size=4 // processes, shard_index=p, shard_count=processes, **kw), n)
+        for p in range(processes)
+    ]
+    return [
+        {k: np.concatenate([parts[p][i][k] for p in range(processes)]) for k in parts[0][i]}
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("repeat_threshold", [None, 0.5], ids=["plain", "repeat_factors"])
+def test_global_batches_do_not_depend_on_the_process_count(coco, repeat_threshold):
+    # 7 global batches of 4 from 12 records: more than two epochs, so the reshuffle and (with
+    # repeat factors) the epoch boundaries are crossed.
+    d, _, _ = coco
+    one = _global_batches(d, 1, 7, repeat_threshold=repeat_threshold)
+    flips = np.concatenate([b["flipped"] for b in one])
+    assert 0 < flips.sum() < len(flips)  # the draws vary, so equal draws mean equal seeds
+    assert len({int(x) for b in one for x in b["image_hw"][:, 0]}) > 1
+    for processes in (2, 4):
+        got = _global_batches(d, processes, 7, repeat_threshold=repeat_threshold)
+        for i, (want, have) in enumerate(zip(one, got)):
+            for k in want:  # records, order, scale, flip, pixels and boxes
+                np.testing.assert_array_equal(
+                    have[k], want[k], err_msg=f"{processes} processes, batch {i}, {k}"
+                )
+
+
 @pytest.mark.slow
 def test_resume_with_worker_processes(coco):
     d, _, _ = coco

@@ -1,12 +1,14 @@
 """Multi-process training on one machine (jax.distributed over gloo, CPU devices per process):
 2 processes x 2 devices == 1 process x 4 devices, checkpoints restored onto other device and
-process counts, and a failing process ending the job instead of hanging it.
+process counts, every mode ending with its model (`export/`) and evaluation whatever the process
+count, and a failing process ending the job instead of hanging it.
 
 Every run is `python -m regionclip_jax.main` in subprocesses, as a user would start it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,6 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from test_pretrain import tiny_pretrain_config  # noqa: E402
 from test_train_loop import _losses_from_jsonl as _losses  # noqa: E402
+from test_train_loop import apply_changes, load_config_module, tiny_config  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -51,11 +54,29 @@ def _config_file(path: Path, sw_dir: str, **changes) -> Path:
     cfg = tiny_pretrain_config(
         sw_dir, log_every=1, **{"data.batch_size": 8, "mesh": {"data": -1, "fsdp": 2}}, **changes
     )
+    return _write_config(path, cfg)
+
+
+def _write_config(path: Path, cfg) -> Path:
     path.write_text(
         "import ml_collections\n\n"
         f"def get_config(arg=None):\n    return ml_collections.ConfigDict({cfg.to_dict()!r})\n"
     )
     return path
+
+
+def _exported_params(directory: Path) -> dict[str, np.ndarray]:
+    """The parameters of a `save_clip` export, flattened by path."""
+    import jax
+    from flax import nnx
+
+    from regionclip_jax.convert.checkpoint import load_clip
+
+    state = nnx.to_pure_dict(nnx.state(load_clip(directory), nnx.Param))
+    return {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(state)
+    }
 
 
 def _free_port() -> int:
@@ -128,6 +149,11 @@ def test_two_processes_of_two_devices_match_one_process_of_four(sw_dir, tmp_path
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
+    # The run ends with the student (gathered from both processes' fsdp shards), as one process's.
+    want, have = _exported_params(tmp_path / "one" / "export"), _exported_params(two_dir / "export")
+    assert sorted(want) == sorted(have)
+    for k in want:
+        np.testing.assert_allclose(have[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_checkpoint_of_eight_devices_resumes_on_four_and_on_two_processes(sw_dir, tmp_path):
@@ -154,6 +180,73 @@ def test_checkpoint_of_eight_devices_resumes_on_four_and_on_two_processes(sw_dir
             [got[s] for s in range(5, 9)], [ref[s] for s in range(5, 9)], rtol=1e-4,
             err_msg=f"resumed on {processes} x {devices} devices",
         )  # fmt: skip
+
+
+def _same_run(one_dir: Path, two_dir: Path) -> None:
+    ref, got = _losses(one_dir), _losses(two_dir)
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=2e-5)
+
+
+def test_clip_mode_exports_and_evaluates_with_two_processes(tmp_path):
+    sw = tmp_path / "sw"
+    cfg = tiny_config(str(sw), total_steps=4, log_every=1, checkpoint_every=2)
+    with cfg.unlocked():
+        cfg.data.batch_size = 4
+        cfg.data.shapesworld.num_train = 32
+        cfg.data.shapesworld.num_val = 8
+    cfg_file = _write_config(tmp_path / "cfg.py", cfg)
+    one, _ = _run_job(cfg_file, tmp_path / "one", processes=1, devices=2)
+    _ok(one)
+    two, _ = _run_job(cfg_file, tmp_path / "two", processes=2, devices=1)
+    _ok(two)
+    _same_run(tmp_path / "one", tmp_path / "two")
+    want, have = (
+        _exported_params(tmp_path / "one" / "export"),
+        _exported_params(tmp_path / "two" / "export"),
+    )
+    for k in want:
+        np.testing.assert_allclose(have[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    retrieval = [
+        next(x for x in r[1].splitlines() if x.startswith("val retrieval"))
+        for r in (one[0], two[0])
+    ]
+    assert retrieval[0] == retrieval[1]  # the same model evaluated on the same batches
+
+
+def test_rpn_and_detection_modes_with_two_processes_match_one(tmp_path):
+    """Detection batches and losses do not depend on the process count, and both modes end with
+    their model (rpn: export/) and evaluation (detect: eval/STEP/metrics.json)."""
+    data = tmp_path / "data"
+    runs = {}
+    for mode, name in (("rpn", "rpn_shapesworld"), ("detect", "detect_shapesworld")):
+        cfg = load_config_module(name).get_config(f"runlocal,data={data}")
+        cfg.unlock()
+        apply_changes(cfg, {"data.batch_size": 4, "async_checkpointing": False})
+        cfg.debug.print_memory = False
+        if mode == "detect":
+            cfg.detect.rpn_init = str(runs["rpn"])
+        cfg_file = _write_config(tmp_path / f"{mode}.py", cfg)
+        one, _ = _run_job(cfg_file, tmp_path / f"{mode}_one", processes=1, devices=2)
+        _ok(one)
+        two, _ = _run_job(cfg_file, tmp_path / f"{mode}_two", processes=2, devices=1)
+        _ok(two)
+        _same_run(tmp_path / f"{mode}_one", tmp_path / f"{mode}_two")
+        runs[mode] = tmp_path / f"{mode}_one"
+    for n in ("one", "two"):
+        export = tmp_path / f"rpn_{n}" / "export"
+        assert (export / "rpn.json").is_file() and (export / "params.npz").is_file()
+    a, b = (np.load(tmp_path / f"rpn_{n}" / "export" / "params.npz") for n in ("one", "two"))
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    metrics = [
+        json.loads((tmp_path / f"detect_{n}" / "eval" / "4" / "metrics.json").read_text())
+        for n in ("one", "two")
+    ]
+    assert metrics[0].keys() == metrics[1].keys()
+    for k in metrics[0]:  # NaN where pycocotools has no object of a size: NaN on both
+        np.testing.assert_allclose(metrics[1][k], metrics[0][k], atol=1e-3, err_msg=k)
 
 
 def test_a_failing_process_ends_the_job_with_a_message(sw_dir, tmp_path):

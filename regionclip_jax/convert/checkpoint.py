@@ -42,6 +42,7 @@ def save_clip(
     overwrite: bool = False,
     source: str | os.PathLike | None = None,
     source_sha256: str | None = None,
+    single_writer: bool = False,
 ) -> Path:
     """Writes `model`'s variables and config to a checkpoint directory.
 
@@ -53,13 +54,18 @@ def save_clip(
       source: the file the weights came from; its name goes into `model.json`, and its sha256
         too when the file exists and `source_sha256` is not given.
       source_sha256: hex digest of `source`, if already known.
+      single_writer: in a multi-process JAX job, this process alone writes the checkpoint (the
+        others do not call `save_clip`; the caller synchronises them afterwards, e.g.
+        `parallel.sync_processes`). `model` must then hold whole host arrays
+        (`parallel.gather_to_host`).
 
     Returns:
       The absolute checkpoint directory.
 
     Raises:
       FileExistsError: `directory` exists and `overwrite` is False, or it is not a checkpoint.
-      RuntimeError: called in a multi-process JAX job (conversion is a single-process tool).
+      RuntimeError: called in a multi-process JAX job without `single_writer` (conversion is a
+        single-process tool).
     """
     import jax
     import numpy as np
@@ -69,10 +75,22 @@ def save_clip(
     from regionclip_jax import __version__
     from regionclip_jax.models.presets import PRESETS
 
-    if jax.process_count() > 1:
+    multiprocess = jax.process_count() > 1
+    if multiprocess and not single_writer:
         raise RuntimeError(
             "save_clip writes from a single process; run conversion outside a multi-host job"
         )
+    # Orbax synchronises all processes of a job by default; here only this one takes part.
+    this = jax.process_index()
+    checkpointer_options = (
+        {
+            "multiprocessing_options": ocp.options.MultiprocessingOptions(
+                primary_host=this, active_processes={this}
+            )
+        }
+        if multiprocess
+        else {}
+    )
     dest = check_destination(directory, overwrite=overwrite)
     config = model.config
     state = nnx.state(model)
@@ -103,7 +121,7 @@ def save_clip(
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         tmp.mkdir()
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(**checkpointer_options) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, tree)
             ckptr.wait_until_finished()
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

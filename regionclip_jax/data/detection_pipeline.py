@@ -20,18 +20,20 @@ Batches (NumPy dict; B = batch_size, (Hc, Wc) = canvas, R = max_boxes):
   box_mask      bool[B, R]
   labels        int32[B, R]    category_map[category id] (or the id itself), -1 in padding
 
-Sampling:
-  - plain: records `[shard_index::shard_count]` of this process, shuffled each epoch (as the
-    pretraining pipeline).
+Sampling (one global stream of examples, the same for every process count):
+  - plain: all records, shuffled each epoch (as the pretraining pipeline).
   - repeat-factor sampling (`repeat_threshold=t`, LVIS uses 0.001; detectron2
     `RepeatFactorTrainingSampler`): f(c) = fraction of images containing category c,
     r(c) = max(1, sqrt(t / f(c))), r(I) = max over the categories of image I (1 for an image with
     none). Each epoch e, image I appears floor(r(I)) times plus once more with probability
     frac(r(I)) (stochastic rounding with a generator seeded by (seed, e)); the epoch's list is
-    shuffled with the same generator and split `[shard_index::shard_count]` over processes
-    (disjoint and covering within an epoch; every process computes the same list). The categories
-    counted are those that survive `category_map` (crowd boxes included, as detectron2 counts all
-    annotations).
+    shuffled with the same generator. The categories counted are those that survive
+    `category_map` (crowd boxes included, as detectron2 counts all annotations).
+  - per-process sharding (`pipeline.GlobalBatchSlice`, as pretraining): every process walks the
+    same global stream and keeps its block of every global batch of `shard_count * batch_size`
+    examples. The per-example size and flip are drawn from (seed, position in the global stream),
+    so the global batches - records, order, scale and flip - are the same for any number of
+    processes, and a checkpoint's data position maps exactly onto another process count.
   - all random choices come from `seed` (grain `MapDataset.seed` for the per-example size and
     flip; (seed, epoch) for repeat factors): two runs give identical batches, and
     `it.get_state()` / `it.set_state()` resume exactly, also with worker processes (keep
@@ -57,7 +59,7 @@ import grain
 import numpy as np
 
 from regionclip_jax.data import transforms as T
-from regionclip_jax.data.pipeline import ShardSource, batch_and_prefetch
+from regionclip_jax.data.pipeline import GlobalBatchSlice, ShardSource, batch_and_prefetch
 from regionclip_jax.data.schema import RecordError, decode_record
 from regionclip_jax.data.shards import ShardSet, open_shards
 
@@ -98,8 +100,9 @@ def repeat_factor_epoch(factors: np.ndarray, seed: int, epoch: int) -> np.ndarra
 class RepeatFactorSampler:
     """Random-access source of record indices: epoch after epoch of `repeat_factor_epoch`.
 
-    `sampler[k]` is the k-th record index of this process's stream (its share
-    `[shard_index::shard_count]` of each epoch). Epoch lists are computed on demand and cached
+    `sampler[k]` is the k-th record index of the stream (with `shard_count > 1`, this process's
+    share `[shard_index::shard_count]` of each epoch; the training pipeline reads the whole
+    stream and splits it by global batch instead). Epoch lists are computed on demand and cached
     (each worker process computes the ones it needs; they depend only on (seed, epoch)).
     Picklable.
     """
@@ -338,20 +341,14 @@ def make_detection_dataset(
         raise ValueError(f"{len(source)} records cannot be split over {shard_count} processes")
 
     if repeat_threshold is None:
-        ds = grain.MapDataset.source(source)[shard_index::shard_count].seed(seed)
+        ds = grain.MapDataset.source(source).seed(seed)
         if shuffle:
             ds = ds.shuffle()
         if num_epochs != 1:
             ds = ds.repeat(num_epochs)
     else:
         factors = repeat_factors(record_category_sets(source, category_map), repeat_threshold)
-        sampler = RepeatFactorSampler(
-            factors,
-            seed=seed,
-            shard_index=shard_index,
-            shard_count=shard_count,
-            num_epochs=num_epochs,
-        )
+        sampler = RepeatFactorSampler(factors, seed=seed, num_epochs=num_epochs)
         ds = grain.MapDataset.source(_Indexed(sampler, source)).seed(seed)
     ds = ds.random_map(
         DetectionTransform(
@@ -363,6 +360,8 @@ def make_detection_dataset(
             category_map=category_map,
         )
     )
+    if shard_count > 1:  # after random_map: the random draws follow the global position
+        ds = GlobalBatchSlice(ds, batch_size, shard_index, shard_count)
     return batch_and_prefetch(
         ds,
         batch_size=batch_size,

@@ -189,31 +189,46 @@ def evaluate_retrieval(
     return {"val_i2t_top1": i2t / n, "val_t2i_top1": t2i / n, "val_batches": n}
 
 
-def export_model(task: ClipTask, result: loop_lib.TrainResult, directory: str) -> None:
-    """Writes the trained CLIP as a `save_clip` checkpoint (a `model.init` for pretraining)."""
+def export_model(model: CLIP, step: int, directory: str) -> None:
+    """Writes the trained CLIP (whole host arrays, `state_lib.host_model`) as a `save_clip`
+    checkpoint (a `model.init` for pretraining). Every process calls it; process 0 writes."""
+    from regionclip_jax import parallel
     from regionclip_jax.convert.checkpoint import save_clip
 
-    model = state_lib.merge(result.graphdef, result.state["params"], result.state["rest"])
-    save_clip(model, directory, overwrite=True)
-    print(f"exported the trained CLIP (step {result.step}) to {directory}", flush=True)
+    if jax.process_index() == 0:
+        save_clip(model, directory, overwrite=True, single_writer=True)
+        print(f"exported the trained CLIP (step {step}) to {directory}", flush=True)
+    parallel.sync_processes("clip_exported")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
-    """Trains image-level CLIP (`config.mode == 'clip'`); at the end (single process) exports the
-    model to `workdir/export` (save_clip format) and evaluates val retrieval."""
+    """Trains image-level CLIP (`config.mode == 'clip'`); at the end exports the model to
+    `workdir/export` (save_clip format) and evaluates val retrieval, whatever the process count."""
+    from regionclip_jax import parallel
+
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy for data paths
+    # Before any data is generated (`loop.train` validates again, with the data paths).
+    config_validation.validate(config, jax.device_count(), jax.process_count())
     prepare_shapesworld(config)
     task = ClipTask(config)
-    kwargs.setdefault("keep_state", True)
+    keep = kwargs.get("keep_state", True)
+    kwargs["keep_state"] = True
     result = loop_lib.train(config, workdir, task, **kwargs)
-    if result.preempted:
+    if result.preempted or result.step < int(config.total_steps):
         return result
-    if result.state is not None and jax.process_count() == 1:
-        export_model(task, result, os.path.join(workdir, "export"))
-    if config.data.val and result.state is not None and jax.process_count() == 1:
-        ev = evaluate_retrieval(
-            task, result.graphdef, result.state, config.data.val, int(config.data.batch_size)
-        )
+    model = state_lib.host_model(result.graphdef, result.state)
+    export_model(model, result.step, os.path.join(workdir, "export"))
+    if config.data.val and jax.process_index() == 0:
+        # Process 0 evaluates the whole model on its first device; the others wait.
+        _, params, rest = state_lib.split_model(model)
+        with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
+            ev = evaluate_retrieval(
+                task,
+                result.graphdef,
+                jax.device_put({"params": params, "rest": rest}, jax.local_devices()[0]),
+                config.data.val,
+                int(config.data.batch_size),
+            )
         if ev:
             print(
                 f"val retrieval (batches of {int(config.data.batch_size)}): "
@@ -221,4 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
                 flush=True,
             )
             result.metrics.update(ev)
+    parallel.sync_processes("clip_evaluated")
+    if not keep:
+        result.state = result.graphdef = None
     return result

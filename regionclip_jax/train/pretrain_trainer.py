@@ -296,6 +296,8 @@ def _text_fn(clip: CLIP):
 def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
     """Region-text pretraining (`config.mode == 'pretrain'`)."""
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    # Before any data is generated or parsed (`loop.train` validates again, with the data paths).
+    config_validation.validate(config, jax.device_count(), jax.process_count())
     clip_trainer.prepare_shapesworld(config)
     if config.pretrain.regions == "rpn":
         raise NotImplementedError(
@@ -313,8 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     keep = kwargs.get("keep_state", False)
     kwargs["keep_state"] = True
     result = loop_lib.train(config, workdir, task, **kwargs)
-    # save_clip is single-process (as the clip trainer's export).
-    if not result.preempted and result.step >= int(config.total_steps) and jax.process_count() == 1:
+    if not result.preempted and result.step >= int(config.total_steps):
         export_student(result, os.path.join(workdir, "export"))
     if not keep:
         result.state = result.graphdef = None
@@ -325,14 +326,17 @@ def export_student(result: loop_lib.TrainResult, directory: str) -> None:
     """Writes the region-pretrained student CLIP as a `save_clip` checkpoint.
 
     The export is what the detection trainers take as `model.init`; the text tower is the frozen
-    one the student started with.
+    one the student started with. Every process must call it (the parameters are gathered from
+    all of them); process 0 writes.
     """
     from regionclip_jax import parallel
     from regionclip_jax.convert.checkpoint import save_clip
 
-    state = parallel.gather_to_host(
-        {"params": result.state["params"], "rest": result.state["rest"]}
-    )
-    model = state_lib.merge(result.graphdef, state["params"], state["rest"])
-    save_clip(model.student, directory, overwrite=True)
-    print(f"exported the region-pretrained student (step {result.step}) to {directory}", flush=True)
+    model = state_lib.host_model(result.graphdef, result.state)
+    if jax.process_index() == 0:
+        save_clip(model.student, directory, overwrite=True, single_writer=True)
+        print(
+            f"exported the region-pretrained student (step {result.step}) to {directory}",
+            flush=True,
+        )
+    parallel.sync_processes("pretrain_exported")

@@ -45,6 +45,13 @@ def merge(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.Module:
     return nnx.merge(graphdef, params, rest)
 
 
+def host_model(graphdef: nnx.GraphDef, state: Any) -> nnx.Module:
+    """The model of a (possibly sharded, multi-process) train state with whole NumPy arrays on
+    this host. Collective: in a multi-process job every process must call it."""
+    host = parallel.gather_to_host({"params": state["params"], "rest": state["rest"]})
+    return merge(graphdef, host["params"], host["rest"])
+
+
 def abstract_train_state(
     build_model: Callable[[], nnx.Module],
     tx: Callable[[Any], optax.GradientTransformation],
