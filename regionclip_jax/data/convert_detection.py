@@ -47,13 +47,13 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from regionclip_jax.data.concepts import load_json_file
 from regionclip_jax.data.convert_imagetext import (
     SizeMismatchError,
     _chunk_parts,
     _describe_item,
     convert_parts,
 )
+from regionclip_jax.data.input_files import load_json_file
 
 __all__ = ["AnnotationError", "SizeMismatchError", "convert_detection", "load_detection_json"]
 from regionclip_jax.data.ov_splits import category_split

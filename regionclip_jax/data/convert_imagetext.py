@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from regionclip_jax.data.concepts import json_line, load_json_file, read_utf8
+from regionclip_jax.data.input_files import json_line, load_json_file, read_utf8
 from regionclip_jax.data.schema import SCHEMA_VERSION
 from regionclip_jax.data.shards import (
     DEFAULT_WRITER_OPTIONS,

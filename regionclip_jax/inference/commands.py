@@ -90,7 +90,7 @@ def read_boxes(path: str | os.PathLike, images: Sequence[str]) -> dict[str, list
       ValueError: not UTF-8, empty or not JSON (naming the file and line), a wrong structure, or
         no boxes for one of the images.
     """
-    from regionclip_jax.data.concepts import load_json_file
+    from regionclip_jax.data.input_files import load_json_file
 
     data = load_json_file(path, "boxes json")
     if isinstance(data, dict) and "boxes" in data and len(data) == 1:

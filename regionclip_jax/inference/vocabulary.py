@@ -55,7 +55,7 @@ def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]
     if isinstance(vocabulary, os.PathLike) or (
         isinstance(vocabulary, str) and os.path.isfile(vocabulary)
     ):
-        from regionclip_jax.data.concepts import read_utf8
+        from regionclip_jax.data.input_files import read_utf8
 
         text = read_utf8(vocabulary, "vocabulary file")
         for lineno, ln in enumerate(text.splitlines(), 1):
