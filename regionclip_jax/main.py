@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from regionclip_jax import parallel
-    from regionclip_jax.train import config_validation, loop
+    from regionclip_jax.train import checkpointing, config_validation, loop
 
     try:
         how = parallel.initialize_distributed(
@@ -123,6 +123,9 @@ def main(argv: list[str]) -> None:
         sys.exit(_EXIT_INVALID_CONFIG)
     except loop.NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    except checkpointing.CheckpointError as e:  # says which checkpoint and what to do
+        print(f"cannot resume: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except Exception as e:
         if jax.process_count() == 1:

@@ -6,8 +6,9 @@ loop does the rest, in this order (big_vision's documented resume order: workdir
   2. mesh + logical-axis rules from the config;
   3. abstract state via `nnx.eval_shape`, shardings from the parameters' logical axes;
   4. the latest complete checkpoint in `workdir/checkpoints` is restored onto those shardings
-     (params, optimizer, step, rng and the grain iterator position), else the state is
-     initialised by a jit with `out_shardings` (born sharded);
+     (params, optimizer, step, rng and the grain iterator position; a damaged one is skipped
+     with a warning for the previous one, another model's is refused before it is read), else
+     the state is initialised by a jit with `out_shardings` (born sharded);
   5. the step `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)` is compiled ahead of
      time (`.lower(...).compile()`) and its `memory_analysis()` printed once;
   6. loop: host batch -> `jax.make_array_from_process_local_data` -> step; metrics of step t are
@@ -236,6 +237,18 @@ def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
+def _close_quietly(ckpt: Checkpointer, data_iter: Any) -> None:
+    """Closes the checkpoint manager and the data iterator on an error path (their own errors
+    are logged, not raised over the one being handled)."""
+    for close in (ckpt.close, getattr(data_iter, "close", None)):
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as e:
+            log.warning("while stopping after an error: %s: %s", type(e).__name__, e)
+
+
 def _host_batch(batch: Mapping[str, np.ndarray], spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(batch[k]) for k in spec}
 
@@ -326,6 +339,10 @@ def train(
     Raises:
       config_validation.ConfigError: before anything is compiled.
       NonFiniteError: the loss or a gradient became NaN/Inf (nothing is saved for that step).
+      checkpointing.CheckpointMismatchError: the workdir's checkpoint was written by another
+        model/optimizer config (checked from its metadata, before any array is read).
+      checkpointing.NoRestorableCheckpointError: no checkpoint of the workdir can be restored
+        (a damaged latest one is skipped with a warning while an older one restores).
     """
     t_start = time.perf_counter()
     config_validation.validate(config, jax.device_count(), jax.process_count())
@@ -354,15 +371,17 @@ def train(
         first_key = next(iter(spec))
         block, blocks = parallel.process_batch_block(batch_sh[first_key], spec[first_key][0])
         data_iter = iter(task.dataset(block, blocks))
-        latest = ckpt.latest_step()
-        if latest is not None:
-            print(f"resuming from {ckpt.directory}/{latest}", flush=True)
-            state = ckpt.restore(
-                latest,
-                program.abstract_state,
-                data_iter,
-                local_examples=latest * (global_batch // blocks),
+        try:
+            # Falls back past damaged checkpoints; refuses another model's before reading it.
+            restored = ckpt.restore_latest(
+                program.abstract_state, data_iter, examples_per_step=global_batch // blocks
             )
+        except BaseException:
+            _close_quietly(ckpt, data_iter)  # no Orbax thread left to print on the way out
+            raise
+        if restored is not None:
+            resumed_step, state = restored
+            print(f"resuming from {ckpt.directory}/{resumed_step}", flush=True)
         else:
             state = state_lib.init_train_state(
                 task.build_model, program.optimizer, int(config.seed), shardings
@@ -394,7 +413,9 @@ def train(
                     flush=True,
                 )
 
-        writer = MetricWriter(workdir, enabled=is_main)
+        # Rows and TensorBoard events of steps after `start` (written by an interrupted run that
+        # this one redoes) are dropped, so every step is logged once.
+        writer = MetricWriter(workdir, enabled=is_main, start_step=start)
         progress = Progress(total, global_batch, start)
         losses: dict[int, float] = {}
         logged: dict[str, float] = {}

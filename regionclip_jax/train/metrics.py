@@ -4,15 +4,22 @@ Files in the workdir (process 0 only):
   events.out.tfevents.*   TensorBoard scalars (`tensorboard --logdir WORKDIR`)
   metrics.jsonl           one JSON object per logged step: {"step": n, "loss": ..., ...}
 Console: `step 120/1000 | loss 2.3104 | 412.5 img/s | lr 1.0e-03 | ETA 0:03:12`.
+
+A run that starts at step S (resumed from checkpoint S, or S = 0) replaces whatever an earlier,
+interrupted run logged after S: those rows are dropped from metrics.jsonl (rewritten atomically)
+and TensorBoard is told to discard those events (`purge_step`: a SessionLog.START at S + 1 in
+the new event file), so every step is shown once.
 """
 
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,21 +31,73 @@ def _scalar(v: Any) -> float:
     return float(np.asarray(v))
 
 
-class MetricWriter:
-    """Writes scalars to TensorBoard + JSONL; `enabled=False` (other processes) writes nothing."""
+def drop_rows_after(path: str, step: int) -> int:
+    """Removes the rows of JSONL file `path` whose "step" is > `step` (and a last line cut off
+    mid-write), rewriting it atomically; returns how many lines were removed."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                continue  # the process was killed while writing this line
+            keep.append(line)  # not ours to judge
+            continue
+        row_step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(row_step, (int, float)) and row_step > step:
+            continue
+        keep.append(line)
+    if len(keep) == len(lines):
+        return 0
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".metrics.jsonl.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(lines) - len(keep)
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+
+class MetricWriter:
+    """Writes scalars to TensorBoard + JSONL; `enabled=False` (other processes) writes nothing.
+
+    `start_step`: the step this run starts from; what an earlier run logged after it is dropped
+    (metrics.jsonl) or hidden (TensorBoard's purge of the events of steps >= start_step + 1).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        start_step: int = 0,
+    ):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        drop_rows_after(path, int(start_step))
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
+            # Only where an earlier run left events: a fresh workdir's file stays plain.
+            earlier = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+            purge = int(start_step) + 1 if earlier else None
+            self._tb = SummaryWriter(logdir=workdir, flush_secs=10, purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.enabled:
