@@ -149,6 +149,15 @@ def test_sigkill_and_restart_resumes_exactly(sw_dir, tmp_path, mode):
     after = [s for s in range(resumed_from + 1, 17)]
     assert after, "nothing left to compare"
     np.testing.assert_array_equal([resumed[s] for s in after], [ref[s] for s in after])
+    # The model the run ends with is the uninterrupted run's, bit for bit.
+    from flax import nnx
+
+    from regionclip_jax.convert.checkpoint import load_clip
+
+    want, have = (jax.tree.leaves(nnx.state(load_clip(d / "export"))) for d in (ref_dir, run_dir))
+    assert len(want) == len(have) > 0
+    for a, b in zip(want, have):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
 
 
 @pytest.mark.slow
