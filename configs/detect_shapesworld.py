@@ -45,6 +45,11 @@ student, trained at 0.05, loses its novel-shape lead (13.4): it confuses the thr
 hearts right (`python -m regionclip_jax.eval.confusion --gt DATA/annotations/instances_val.json
 --detections WORKDIR/eval/400 --split novel`).
 
+The figures above were measured with the cross-entropies in the `logsumexp(z) - z_y` form. With
+the `log_softmax` form (2026-12-06, exact small losses; it changes training's rounding), `make demo`
+printed: RPN recall@100 97.5 / 99.4; default 27.2 / 29.4 vs 15.6 / 19.4; zero-shot 20.7 / 16.2 vs
+10.1 / 9.7. The other rows were not rerun.
+
 Earlier measurements, with a student whose norms' scale/bias were trained in pretraining (the
 original keeps them frozen; fixed since): τ 0.01: 10.6 / 37.0 vs 18.4 / 24.5 (seed 1: 10.8 / 36.3
 vs 18.7 / 26.4); τ 0.05: 17.0 / 39.6 vs 16.0 / 20.8; with no novel object in the training scenes

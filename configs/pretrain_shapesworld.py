@@ -36,6 +36,9 @@ Equal weights at tau 0.01 (300 steps, lr 0.005, colour/size words in captions): 
 image-text weight 1 / 2 / 4 / 8 (1-2 objects for 1-4): -0.3 / +3.7 / +4.1 / and with 2-4
 objects and weight 8: 57.4% (+6.4). Captions alone (weight 0 on the region losses) collapse
 (11%): the teacher's labels anchor the region-concept space.
+All of the above was measured with the cross-entropies in the `logsumexp(s) - s_y` form; since the
+`log_softmax` form (2026-12-06, exact small losses) the demo's teacher scores 54.6% and this recipe's
+student 60.0% (+5.3); the sweep was not rerun.
 """
 
 from __future__ import annotations

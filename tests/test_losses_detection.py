@@ -136,6 +136,25 @@ def test_gamma_zero_reduces_to_cross_entropy():
     np.testing.assert_allclose(float(f(mode="lvis", bg_weight=0.2)), (w * ce).sum() / w.sum(), RTOL)
 
 
+@pytest.mark.parametrize("overlap", [0.8, 0.7])
+@pytest.mark.parametrize("seed", range(4))
+def test_small_classification_loss_is_exact_to_float32_rounding(overlap, seed):
+    """Cosine logits at τ = 0.01 of RoIs that are clearly their class (CE ~1e-4 and ~1e-6): the
+    log_softmax form is off by less than one ulp of 1.0 (logsumexp − z_y of the unshifted ~100
+    logits lost up to the ulp of 100)."""
+    from test_losses_pretrain import F32_EPS, confident_pairs
+
+    f, g = confident_pairs(overlap, seed)  # 7 RoIs, 6 classes + background
+    f, g = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (f, g))
+    logits = (f @ g.T / 0.01).astype(np.float32)
+    labels, valid = np.arange(7, dtype=np.int32), np.ones(7, bool)
+    for mode, gamma in (("lvis", None), ("coco", 0.0)):  # both the plain CE mean here
+        ref = ref_cls_loss(logits, labels, valid, mode, 1.0)
+        assert 1e-7 < ref < 1e-3
+        ours = cls_loss(logits, labels, valid, mode=mode, bg_weight=1.0, focal_gamma=gamma)
+        assert abs(float(ours) - ref) < F32_EPS, mode
+
+
 def test_background_only_and_empty():
     logits, labels, valid = make_rois(2)
     labels = np.where(labels >= 0, K, labels)  # every real RoI is background

@@ -56,7 +56,7 @@ def fast_rcnn_classification_loss(
       loss = Σ_valid w_{y_i} CE_i / Σ_valid w_{y_i}, w = [1, …, 1, bg_weight]. Default
       bg_weight = 0.8; bg_weight=1 gives the plain mean CE. Returns 0 where Σ w = 0 (PyTorch: nan).
 
-    (1 − p_y)^γ is evaluated as exp(γ · (logsumexp_{k≠y} z_k − logsumexp_k z_k)): the same value,
+    (1 − p_y)^γ is evaluated as exp(γ · logsumexp_{k≠y} log p_k): the same value,
     but with finite gradients when p_y rounds to 1 in fp32, where the literal form's
     γ(1 − p)^(γ−1) = ∞ times a zero CE gives nan.
 
@@ -83,9 +83,10 @@ def fast_rcnn_classification_loss(
     y = jnp.where(ok, y, 0)
 
     onehot = jax.nn.one_hot(y, z.shape[-1], dtype=bool)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    z_y = jnp.sum(jnp.where(onehot, z, 0.0), axis=-1)
-    ce = lse - z_y
+    # The log_softmax form: logsumexp(z) − z_y of logits of scale 1/τ would cancel the low bits of
+    # a small loss.
+    log_p = jax.nn.log_softmax(z, axis=-1)
+    ce = -jnp.sum(jnp.where(onehot, log_p, 0.0), axis=-1)
     w = jnp.where(y == num_bg, jnp.float32(bg_weight), 1.0)
     okf = ok.astype(jnp.float32)
 
@@ -94,7 +95,7 @@ def fast_rcnn_classification_loss(
         return jnp.sum(jnp.where(ok, wv * ce, 0.0)) / jnp.where(jnp.sum(wv) > 0, jnp.sum(wv), 1.0)
 
     gamma = _MODE_DEFAULTS["coco"]["focal_gamma"] if focal_gamma is None else focal_gamma
-    log_one_minus_p = jax.nn.logsumexp(jnp.where(onehot, NEG_INF, z), axis=-1) - lse
+    log_one_minus_p = jax.nn.logsumexp(jnp.where(onehot, NEG_INF, log_p), axis=-1)
     loss = ce * jnp.exp(gamma * log_one_minus_p) * w
     return jnp.sum(jnp.where(ok, loss, 0.0)) / jnp.maximum(jnp.sum(okf), 1.0)
 

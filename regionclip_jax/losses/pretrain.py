@@ -18,8 +18,10 @@ plays the role of one GPU:
 per device of the original run (96 / 32 = 3) to mimic its negatives exactly.
 
 Deviations (numerics only, same function where the original is finite):
-- `log(softmax(x))` is computed as `log_softmax(x)` and the MIL term as a difference of
-  `logsumexp`s; the original's literal forms give -inf/nan when a probability underflows in fp32.
+- `log(softmax(x))` is computed as `log_softmax(x)` and the MIL term as a `logsumexp` of
+  `log_softmax` over the positives; the original's literal forms give -inf/nan when a probability
+  underflows in fp32. Every cross-entropy is in this form (never `logsumexp(s) − s_y` of the
+  unshifted logits of scale 1/τ, which cancels the low bits of a small loss).
 - Normalisation uses `max(||x||, 1e-12)` so padded all-zero rows stay finite.
 - Padded regions/images are dropped with masks; in the original they do not exist.
 - The image-text loss is computed on the global batch (one `jit` over all devices, or all-gathered
@@ -181,9 +183,11 @@ def concept_contrastive_loss(
 
     s = jnp.einsum("gid,gjd->gij", v, t, precision=_HI) / temperature
     pos = col & (y[:, :, None] == y[:, None, :])
-    lse_all = jax.nn.logsumexp(jnp.where(col, s, NEG_INF), axis=-1)
-    lse_pos = jax.nn.logsumexp(jnp.where(pos, s, NEG_INF), axis=-1)
-    per_region = (lse_all - lse_pos).reshape(keep.shape)  # −log Σ_j M_ij p_ij
+    # The log_softmax form (logits shifted by the row max of the kept columns): a difference of two
+    # logsumexps of logits of scale 1/τ would cancel the low bits of a small loss.
+    log_p = jax.nn.log_softmax(jnp.where(col, s, NEG_INF), axis=-1)
+    per_region = -jax.nn.logsumexp(jnp.where(pos, log_p, NEG_INF), axis=-1)  # −log Σ_j M_ij p_ij
+    per_region = per_region.reshape(keep.shape)
     return _mean_of_group_means(per_region, keep, group_size)
 
 
@@ -213,9 +217,10 @@ def image_text_contrastive_loss(
     s = jnp.einsum("id,jd->ij", g, e, precision=_HI) / temperature
     pair = valid[:, None] & valid[None, :]
     s = jnp.where(pair, s, NEG_INF)
-    diag = jnp.diagonal(s)
-    row = jax.nn.logsumexp(s, axis=1) - diag  # image -> text
-    col = jax.nn.logsumexp(s, axis=0) - diag  # text -> image
+    # −log_softmax, not logsumexp(s) − s_ii: with logits of scale 1/τ the latter cancels the low bits
+    # of a small loss (the original's cross_entropy is the log_softmax form too).
+    row = -jnp.diagonal(jax.nn.log_softmax(s, axis=1))  # image -> text
+    col = -jnp.diagonal(jax.nn.log_softmax(s, axis=0))  # text -> image
     return 0.5 * (masked_mean(row, valid) + masked_mean(col, valid))
 
 
