@@ -271,3 +271,122 @@ def test_size_mismatch_is_an_error_or_rescaled(tmp_path, capsys):
     (rec,) = list(ShardReader(tmp_path / "o"))
     assert (rec["height"], rec["width"]) == (48, 64)
     np.testing.assert_allclose(rec["boxes"], [[30, 20, 50, 36]])  # the 128x96 box, halved
+
+
+# ---------------------------------------------------------------------------------------------
+# Instance masks. The reference is pycocotools' own reading of the json (COCO.annToMask).
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE counts of a 0/1 mask, from the definition: run lengths in
+    column-major order, starting with a (possibly empty) run of zeros."""
+    flat = np.asarray(mask, np.uint8).ravel(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs) if flat.size and flat[0] == 1 else runs
+
+
+def _mask_coco():
+    """A json whose annotations carry every segmentation form, good and bad."""
+    from pycocotools import mask as mask_util
+
+    rng = np.random.default_rng(3)
+    blob = np.zeros((H, W), np.uint8)
+    blob[4:15, 6:20] = rng.random((11, 14)) < 0.7
+    ring = np.zeros((H, W), np.uint8)
+    ring[2:18, 10:28] = 1
+    ring[6:14, 15:23] = 0
+    compressed = mask_util.encode(np.asfortranarray(ring))["counts"].decode("ascii")
+    segs = {
+        # two polygons of one instance (a triangle and a quadrilateral)
+        1: [[2.0, 2.0, 12.5, 3.0, 5.0, 11.0], [20.0, 5.0, 28.0, 5.0, 28.0, 15.0, 21.0, 12.0]],
+        2: {"size": [H, W], "counts": _runs(blob)},  # uncompressed RLE (as COCO's crowds)
+        3: {"size": [H, W], "counts": compressed},  # compressed RLE, counts a str
+        4: [],  # bad: no polygon
+        5: [[1.0, 1.0, 8.0, 8.0]],  # bad: 2 points
+        6: [[1.0, 1.0, 8.0, float("nan"), 3.0, 9.0]],  # bad: non-finite
+        7: {"size": [H + 1, W], "counts": _runs(np.zeros((H + 1, W)))},  # bad: not the image size
+        8: None,  # no segmentation, in a json that has them elsewhere
+    }
+    anns = []
+    for k, seg in segs.items():
+        a = {"id": k, "image_id": 100 + k % 2, "category_id": 3, "bbox": [1.0, 1.0, 20.0, 15.0]}
+        if seg is not None:
+            a["segmentation"] = seg
+        anns.append(a)
+    images = [{"id": 100 + i, "file_name": f"{i}.png", "height": H, "width": W} for i in (0, 1)]
+    return {"images": images, "annotations": anns, "categories": [{"id": 3, "name": "car"}]}
+
+
+def test_polygon_and_rle_segmentations_become_masks(tmp_path):
+    from pycocotools import mask as mask_util
+    from pycocotools.coco import COCO
+
+    _write_images(tmp_path / "img", 2)
+    data = _mask_coco()
+    js = tmp_path / "inst.json"
+    js.write_text(json.dumps(data))  # NaN is written as the (Python-readable) NaN token
+    m = convert_detection(str(js), str(tmp_path / "img"), str(tmp_path / "out"), part_size=1)
+    assert m["repaired"]["bad_segmentation"] == 4
+    assert m["repaired"]["missing_segmentation"] == 1
+    assert m["metadata"]["masks"] is True
+    coco = COCO(str(js))
+    good = {1, 2, 3}
+    seen = set()
+    for rec in ShardReader(tmp_path / "out"):
+        ids = [a["id"] for a in data["annotations"] if a["image_id"] == int(rec["id"])]
+        assert len(rec["masks"]) == len(rec["boxes"]) == len(ids)  # bad ones keep their box
+        for ann_id, rle in zip(ids, rec["masks"]):
+            if ann_id not in good:
+                assert rle is None, ann_id
+                continue
+            seen.add(ann_id)
+            assert rle["size"] == [H, W] and isinstance(rle["counts"], bytes)
+            expected = coco.annToMask(coco.anns[ann_id])
+            assert expected.sum() > 20  # a real shape, not an empty mask
+            np.testing.assert_array_equal(mask_util.decode(rle), expected, err_msg=str(ann_id))
+    assert seen == good
+
+
+def test_json_without_segmentation_stores_no_masks(tmp_path):
+    _write_images(tmp_path / "img", 4)
+    js = tmp_path / "inst.json"
+    js.write_text(json.dumps(_coco()))
+    m = convert_detection(str(js), str(tmp_path / "img"), str(tmp_path / "out"))
+    assert m["metadata"]["masks"] is False
+    assert "missing_segmentation" not in m["repaired"]
+    assert all(rec["masks"] is None for rec in ShardReader(tmp_path / "out"))
+
+
+def test_rescaled_images_rescale_their_masks(tmp_path):
+    """--size-mismatch rescale: polygons scaled exactly, RLEs resampled at pixel centres."""
+    from pycocotools import mask as mask_util
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "img" / "small.png")
+    big = np.zeros((96, 128), np.uint8)
+    big[40:72, 60:100] = 1  # the box below, in the json's 128x96 frame
+    poly = [60.0, 40.0, 100.0, 40.0, 100.0, 72.0, 60.0, 72.0]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [60, 40, 40, 32], "segmentation": [poly]},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [60, 40, 40, 32],
+         "segmentation": {"size": [96, 128], "counts": _runs(big)}},
+    ]  # fmt: skip
+    data = {
+        "images": [{"id": 1, "file_name": "small.png", "width": 128, "height": 96}],
+        "annotations": anns,
+        "categories": [{"id": 3, "name": "car"}],
+    }
+    js = tmp_path / "inst.json"
+    js.write_text(json.dumps(data))
+    m = convert_detection(
+        str(js), str(tmp_path / "img"), str(tmp_path / "o"), size_mismatch="rescale"
+    )
+    assert "bad_segmentation" not in m["repaired"]
+    (rec,) = list(ShardReader(tmp_path / "o"))
+    half = np.zeros((48, 64), np.uint8)
+    half[20:36, 30:50] = 1  # the halved box [30, 20, 50, 36]
+    for rle in rec["masks"]:
+        assert rle["size"] == [48, 64]
+        np.testing.assert_array_equal(mask_util.decode(rle), half)

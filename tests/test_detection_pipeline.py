@@ -264,3 +264,80 @@ def test_tfds_source_feeds_the_pipeline(tmp_path):
         np.testing.assert_array_equal(b["images"][j], scene.image)
         k = len(scene.kept)
         np.testing.assert_allclose(b["boxes"][j, :k], [o.box for o in scene.kept][:6], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Instance masks (mask_scale). References: the json's masks decoded by pycocotools, their
+# extents scaled / mirrored here with NumPy.
+
+
+def _extent(mask: np.ndarray) -> np.ndarray:
+    """[x1, y1, x2, y2] (exclusive) of a mask's nonzero pixels."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+
+
+def test_masks_are_resized_and_flipped_with_their_boxes(coco):
+    from pycocotools.coco import COCO
+
+    from regionclip_jax.data.detection_pipeline import detection_batch_spec
+
+    d, data, _ = coco
+    gt = COCO(str(d.parent / "sw" / "annotations" / "instances_train.json"))
+    s, r = 0.5, 6
+    batches = _take(_ds(d, num_epochs=1, shuffle=False, mask_scale=s), N // 3)
+    spec = detection_batch_spec(
+        batch_size=3, canvas=CANVAS, max_boxes=r, normalize=False, mask_scale=s
+    )
+    assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == spec
+    assert spec["gt_masks"][0] == (3, r, 32, 32)
+    flips = set()
+    for b in batches:
+        for j in range(3):
+            im = data["images"][int(b["source_index"][j])]
+            anns = gt.loadAnns(gt.getAnnIds(imgIds=im["id"]))[:r]
+            k, (h, w) = len(anns), (int(v) for v in b["image_hw"][j])
+            assert (
+                b["mask_valid"][j].tolist()
+                == b["box_mask"][j].tolist()
+                == [True] * k + [False] * (r - k)
+            )
+            assert not b["gt_masks"][j, k:].any()  # padded slots
+            # nothing outside the resized image (its mask-canvas extent rounded up)
+            assert not b["gt_masks"][j, :, math.ceil(h * s) :].any()
+            assert not b["gt_masks"][j, :, :, math.ceil(w * s) :].any()
+            flips.add(bool(b["flipped"][j]))
+            for slot, a in enumerate(anns):
+                ext = _extent(gt.annToMask(a)) * (h / 64) * s  # square 64 px images
+                if b["flipped"][j]:
+                    ext = np.array([w * s - ext[2], ext[1], w * s - ext[0], ext[3]])
+                got = _extent(b["gt_masks"][j, slot])
+                # Point sampling may miss a thin tip (a triangle's apex) by a pixel more.
+                np.testing.assert_allclose(got, ext, atol=2.0, err_msg=f"{im['id']} {slot}")
+                # and the mask lies inside its box (boxes: unoccluded extent, masks: visible part)
+                box = b["boxes"][j, slot] * s
+                assert (got[:2] >= np.floor(box[:2]) - 1).all() and (got[2:] <= box[2:] + 1).all()
+                area = gt.annToMask(a).sum() * (h / 64 * s) ** 2
+                assert abs(b["gt_masks"][j, slot].sum() - area) <= 0.25 * area + 4
+    assert flips == {True, False}
+
+
+def test_mask_scale_none_leaves_batches_unchanged_and_maskless_records_are_invalid(coco, tmp_path):
+    d, data, img_root = coco
+    plain = _take(_ds(d, num_epochs=1, shuffle=False), 2)
+    masked = _take(_ds(d, num_epochs=1, shuffle=False, mask_scale=0.25), 2)
+    for p, m in zip(plain, masked):
+        assert "gt_masks" not in p and "mask_valid" not in p
+        assert set(m) - set(p) == {"gt_masks", "mask_valid"}
+        for key in p:
+            np.testing.assert_array_equal(p[key], m[key], err_msg=key)
+        assert m["gt_masks"].shape[2:] == (16, 16) and m["mask_valid"].any()
+
+    # The same json without segmentations: masks None in the shards, all-zero and invalid slots.
+    stripped = dict(data, annotations=[{**a, "segmentation": None} for a in data["annotations"]])
+    for a in stripped["annotations"]:
+        del a["segmentation"]
+    (tmp_path / "i.json").write_text(json.dumps(stripped))
+    convert_detection(str(tmp_path / "i.json"), str(img_root), str(tmp_path / "s"))
+    (b,) = _take(_ds(tmp_path / "s", num_epochs=1, shuffle=False, mask_scale=0.25), 1)
+    assert b["box_mask"].any() and not b["mask_valid"].any() and not b["gt_masks"].any()

@@ -293,3 +293,74 @@ def test_writer_is_atomic_and_refuses_to_overwrite(tmp_path):
         w.write(_random_records(1)[0])
     assert sorted(os.listdir(tmp_path / "b")) == [MANIFEST_NAME, "s-00000-of-00001.array_record"]
     assert len(open_shards(tmp_path / "b")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Instance masks (optional `masks` field).
+
+
+def _mask_record(masks) -> dict:
+    return {
+        "id": "m",
+        "image": _png(10, 12),
+        "height": 10,
+        "width": 12,
+        "captions": [],
+        "boxes": [[1, 1, 6, 5], [2, 3, 11, 9], [0, 0, 4, 4]],
+        "category_ids": [1, 2, 3],
+        "masks": masks,
+    }
+
+
+def test_masks_round_trip_as_compressed_rle(tmp_path):
+    from pycocotools import mask as mask_util
+
+    bits = np.zeros((2, 10, 12), np.uint8)
+    bits[0, 1:5, 1:6] = 1
+    bits[1, 3:9, 2:11] = np.random.default_rng(0).random((6, 9)) < 0.6
+    rles = [mask_util.encode(np.asfortranarray(b)) for b in bits]
+    with ShardWriter(tmp_path, "m", require_captions=False) as w:
+        assert w.write(_mask_record([rles[0], rles[1], None]))
+    manifest = load_manifest(tmp_path)
+    assert manifest["repaired"] == {"missing_segmentation": 1}
+    (got,) = list(ShardReader(tmp_path))
+    assert len(got["masks"]) == 3 and got["masks"][2] is None
+    for b, rle in zip(bits, got["masks"]):
+        assert rle["size"] == [10, 12] and isinstance(rle["counts"], bytes)
+        np.testing.assert_array_equal(mask_util.decode(rle), b)
+    # On disk: an array of {"size", "counts": bin} maps or nil, readable by any msgpack reader.
+    raw = msgpack.unpackb(schema.encode_record(got), raw=False)["masks"]
+    assert raw[2] is None and raw[0] == {"size": [10, 12], "counts": rles[0]["counts"]}
+
+
+def test_shards_written_before_masks_still_read(tmp_path):
+    """A record map without the `masks` key (as every shard written before it) decodes with
+    masks None, in a shard read through the usual reader."""
+    m = msgpack.unpackb(schema.encode_record(_random_records(3)[2]), raw=False)
+    del m["masks"]
+    with ShardWriter(tmp_path, "old") as w:
+        w.write(_random_records(1)[0])
+    path = tmp_path / "old-00000-of-00001.array_record"
+    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+    writer.write(msgpack.packb(m, use_bin_type=True))
+    writer.close()
+    (rec,) = list(ShardReader(tmp_path))
+    assert rec["masks"] is None and rec["id"] == "rec-2"
+    assert len(rec["boxes"]) == len(m["boxes"]["data"]) // 16
+
+
+def test_masks_follow_the_box_policy(tmp_path):
+    from pycocotools import mask as mask_util
+
+    full = mask_util.encode(np.asfortranarray(np.ones((10, 12), np.uint8)))
+    rec = _mask_record([full, full, [[1.0, 1.0, 3.0, 1.0]]])  # the last one: a 2-point polygon
+    rec["boxes"][1] = [5, 5, 5, 9]  # degenerate: dropped with its mask
+    out, repairs = schema.sanitize_record(rec, require_captions=False)
+    assert repairs == {"box_degenerate_dropped": 1, "bad_segmentation": 1}
+    assert len(out["masks"]) == 2 and out["masks"][1] is None
+    with pytest.raises(schema.SkipRecord, match="one per box"):
+        schema.sanitize_record(_mask_record([full]), require_captions=False)
+    bad = {"size": [10, 12], "counts": full["counts"][:-1] + b"z"}  # runs no longer cover 10x12
+    out, repairs = schema.sanitize_record(_mask_record([bad, None, full]), require_captions=False)
+    assert repairs == {"bad_segmentation": 1, "missing_segmentation": 1}
+    assert out["masks"][0] is None and out["masks"][2] is not None

@@ -166,7 +166,7 @@ def add_make_shards_arguments(p: argparse.ArgumentParser) -> None:
         choices=("error", "rescale"),
         default="error",
         help="an image whose json width/height differ from the file's: stop with an error naming "
-        "it (default), or scale its boxes to the file's size",
+        "it (default), or scale its boxes (and masks) to the file's size",
     )
     det.add_argument("--part-size", type=int, default=2000, help="images per part")
     det.add_argument("--min-box-size", type=float, default=0.0, metavar="PX")

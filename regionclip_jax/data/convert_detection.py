@@ -31,6 +31,21 @@ Checks of the json (a user's own data set is checked the same way):
     non-finite boxes dropped, each counted (schema.sanitize_record); an image file that is
     missing is skipped as `missing_file`, one that does not decode as `corrupt_image`.
 
+Instance masks: when any annotation of the json has a `segmentation`, every record stores
+`masks` (schema.py), one per kept box: the annotation's polygons (list of [x0, y0, x1, y1, ...]),
+uncompressed RLE (`counts` a list, as COCO's crowd annotations) or compressed RLE (`counts` a
+str), rasterised / re-encoded with `pycocotools.mask` (frPyObjects, merge) into a compressed RLE
+in the stored image's frame. With `size_mismatch="rescale"` masks scale with the boxes (polygon
+coordinates scaled exactly, RLEs resampled nearest-neighbour). Counted, never silently kept:
+  - `repaired.bad_segmentation`: an empty polygon list, a polygon with < 3 points, an odd number
+    of or non-finite coordinates, an RLE whose `size` is not the image's (json) size or whose runs
+    do not cover it;
+  - `repaired.missing_segmentation`: an annotation without `segmentation` in a json that has them
+    elsewhere.
+Both keep the instance with its box and no mask (None; the pipeline's `mask_valid` is False, so
+the mask loss ignores it): the box is still a valid box target. A json without any segmentation
+writes `masks` None (and the same parts as before masks existed); `metadata.masks` says which.
+
 Open-vocabulary splits (`split`, `keep`; ov_splits.py): with `split="coco48_17"` annotations of
 the 15 COCO categories outside the 65 are removed (as OVR-CNN does; counted in
 `metadata.annotations.outside_split`); `keep="base"` / `"novel"` keeps one side (the other side's
@@ -184,6 +199,24 @@ def load_detection_json(
     return data, per_image, meta, counts
 
 
+def has_segmentation(data: Mapping[str, Any]) -> bool:
+    """Whether any annotation of the json carries a `segmentation` (then masks are stored)."""
+    return any(a.get("segmentation") is not None for a in data["annotations"])
+
+
+def _mask_fields(img: Mapping[str, Any], anns: list[dict]) -> dict[str, Any]:
+    """The item's raw segmentations (one per annotation, None where absent) and their frame.
+
+    They are rasterised by the part writers (schema.sanitize_record, in parallel), once the
+    image's real size is known: with `size_mismatch="rescale"` the frame (the json's size)
+    differs from the file's and the masks are scaled with the boxes.
+    """
+    frame = None
+    if img.get("height") is not None and img.get("width") is not None:
+        frame = [int(img["height"]), int(img["width"])]
+    return {"masks": [a.get("segmentation") for a in anns], "masks_frame_hw": frame}
+
+
 def detection_parts(
     data: dict,
     per_image: Mapping[Any, list[dict]],
@@ -191,8 +224,13 @@ def detection_parts(
     source: str,
     part_size: int,
     size_mismatch: str = "error",
+    masks: bool = False,
 ):
-    """Parts of the images of a loaded json (records in the json's image order)."""
+    """Parts of the images of a loaded json (records in the json's image order).
+
+    With `masks`, items carry each annotation's `segmentation` (`_mask_fields`); without, they
+    are the items (and part fingerprints) of a json without segmentations.
+    """
     items = []
     for img in data["images"]:
         anns = per_image.get(img["id"], [])
@@ -211,6 +249,7 @@ def detection_parts(
                 "category_ids": [int(a["category_id"]) for a in anns],
                 "iscrowd": [int(a.get("iscrowd", 0)) for a in anns],
                 "size_mismatch": size_mismatch,
+                **(_mask_fields(img, anns) if masks else {}),
             }
         )
     return list(_chunk_parts(items, part_size, _describe_item))
@@ -260,7 +299,8 @@ def convert_detection(
         annotations, split=split, keep=keep, unknown_categories=unknown_categories
     )
     source = source or os.path.splitext(os.path.basename(annotations))[0]
-    parts = detection_parts(data, per_image, image_root, source, part_size, size_mismatch)
+    masks = has_segmentation(data)
+    parts = detection_parts(data, per_image, image_root, source, part_size, size_mismatch, masks)
     repaired = {k: v for k, v in counts.items() if k.startswith("annotation_")}
     meta.update(
         converter="detection",
@@ -269,6 +309,7 @@ def convert_detection(
         keep=keep,
         empty_images=empty_images,
         size_mismatch=size_mismatch,
+        masks=masks,
         annotations={
             "in_json": len(data["annotations"]),
             "kept": sum(len(v) for v in per_image.values()),

@@ -19,6 +19,19 @@ Batches (NumPy dict; B = batch_size, (Hc, Wc) = canvas, R = max_boxes):
   boxes         float32[B, R, 4] xyxy canvas pixels, 0 in padding
   box_mask      bool[B, R]
   labels        int32[B, R]    category_map[category id] (or the id itself), -1 in padding
+with `mask_scale=s` (None: these keys are absent), (Hm, Wm) = (ceil(Hc * s), ceil(Wc * s)):
+  gt_masks      uint8[B, R, Hm, Wm] instance masks (0/1) in the mask canvas: slot k is the mask
+                of `boxes[:, k]`, so box b (canvas pixels) covers b * s there (within a pixel);
+                0 outside the resized image, in padded slots and where `mask_valid` is False
+  mask_valid    bool[B, R]     the slot holds a real box with a mask (False: padding, records
+                without `masks`, instances without a mask: the mask loss ignores them)
+
+Masks follow the image: the stored RLE is decoded at the stored image's size, then sampled at the
+mask canvas' pixel centres through the same resize and flip as the image (nearest neighbour:
+`transforms.mask_sample_indices`). Approximation, to bound memory: detectron2 keeps full-
+resolution bitmasks (or polygons) and crops them per RoI; here they are kept at `mask_scale` of
+the canvas (R x Hm x Wm bytes per example, 11 MB at R = 100, 1344^2 and s = 0.25), so mask
+targets cropped from them lose detail below 1 / s canvas pixels.
 
 Sampling (one global stream of examples, the same for every process count):
   - plain: all records, shuffled each epoch (as the pretraining pipeline).
@@ -226,8 +239,10 @@ class DetectionTransform(grain.transforms.RandomMap):
         flip: bool,
         max_boxes: int,
         category_map: Mapping[int, int] | None,
+        mask_scale: float | None = None,
     ):
         self.canvas = (int(canvas[0]), int(canvas[1]))
+        self.mask_scale = None if mask_scale is None else float(mask_scale)
         self.train_sizes = tuple(int(s) for s in train_sizes)
         self.max_size = None if max_size is None else int(max_size)
         self.flip = flip
@@ -270,7 +285,7 @@ class DetectionTransform(grain.transforms.RandomMap):
             boxes = T.hflip_boxes(boxes, new_w)
         mask = np.zeros((r,), bool)
         mask[: len(boxes)] = True
-        return {
+        out = {
             "image": T.pad_image(image, self.canvas),
             "image_hw": np.array([new_h, new_w], np.int32),
             "orig_hw": np.array([height, width], np.int32),
@@ -281,6 +296,44 @@ class DetectionTransform(grain.transforms.RandomMap):
             "box_mask": mask,
             "labels": T.pad_rows(labels.astype(np.int32), r, -1),
         }
+        if self.mask_scale is not None:
+            # Record indices of the kept boxes, in slot order (the masks to take).
+            kept = [] if rec["boxes"] is None else np.flatnonzero(keep)[:r]
+            out["gt_masks"], out["mask_valid"] = self._instance_masks(
+                rec["masks"], kept, (height, width), (new_h, new_w), do_flip
+            )
+        return out
+
+    def _instance_masks(
+        self,
+        masks: Sequence[Mapping[str, Any] | None] | None,
+        kept: Sequence[int],
+        image_hw: tuple[int, int],
+        new_hw: tuple[int, int],
+        flip: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(gt_masks uint8[R, Hm, Wm], mask_valid bool[R]) of the record's `masks` (RLEs at the
+        stored `image_hw`) taken at the record indices `kept`, in slot order; the image was
+        resized to `new_hw` and maybe flipped (module docstring)."""
+        from pycocotools import mask as mask_util
+
+        hm, wm = T.mask_shape(self.canvas, self.mask_scale)
+        out = np.zeros((self.max_boxes, hm, wm), np.uint8)
+        valid = np.zeros((self.max_boxes,), bool)
+        if masks is None:
+            return out, valid
+        height, width = image_hw
+        rows, cols = T.mask_sample_indices(height, width, *new_hw, self.mask_scale, (hm, wm), flip)
+        for slot, i in enumerate(kept):
+            rle = masks[int(i)]
+            # The writer stores masks in the image's frame; a foreign record breaking that
+            # loses the mask (mask_valid False), not the example.
+            if rle is None or list(rle["size"]) != [height, width]:
+                continue
+            full = mask_util.decode(rle)
+            out[slot, : len(rows), : len(cols)] = full[np.ix_(rows, cols)]
+            valid[slot] = True
+        return out, valid
 
 
 def make_detection_dataset(
@@ -306,6 +359,7 @@ def make_detection_dataset(
     read_threads: int = 2,
     prefetch_buffer: int | None = None,
     on_bad_shard: str = "error",
+    mask_scale: float | None = None,
 ) -> grain.IterDataset:
     """Builds the detection training pipeline (batch layout in the module docstring).
 
@@ -322,6 +376,8 @@ def make_detection_dataset(
       seed, shard_index, shard_count, num_workers, flip, shuffle, num_epochs, drop_remainder,
       normalize, read_threads, prefetch_buffer, on_bad_shard: as `make_pretrain_dataset`
         (`shuffle` does not apply with repeat factors, whose epochs are always shuffled).
+      mask_scale: None (no instance masks: the batches carry no mask keys) or s in (0, 1]: add
+        `gt_masks` [B, R, ceil(Hc * s), ceil(Wc * s)] and `mask_valid` [B, R] (module docstring).
 
     Returns:
       A `grain.IterDataset` of batches.
@@ -332,6 +388,8 @@ def make_detection_dataset(
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
     if batch_size < 1 or max_boxes < 1 or not train_sizes:
         raise ValueError("batch_size and max_boxes must be >= 1 and train_sizes non-empty")
+    if mask_scale is not None and not 0 < mask_scale <= 1:
+        raise ValueError(f"mask_scale must be None or in (0, 1], got {mask_scale}")
     if source is None:
         shards = (
             paths if isinstance(paths, ShardSet) else open_shards(paths, on_bad_shard=on_bad_shard)
@@ -358,6 +416,7 @@ def make_detection_dataset(
             flip=flip,
             max_boxes=max_boxes,
             category_map=category_map,
+            mask_scale=mask_scale,
         )
     )
     if shard_count > 1:  # after random_map: the random draws follow the global position
@@ -379,10 +438,11 @@ def detection_batch_spec(
     canvas: tuple[int, int] = (1344, 1344),
     max_boxes: int = 100,
     normalize: bool = True,
+    mask_scale: float | None = None,
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{key: (shape, dtype)} of the batches `make_detection_dataset` yields."""
     b, (hc, wc), r = batch_size, canvas, max_boxes
-    return {
+    spec = {
         "images": ((b, hc, wc, 3), np.dtype(np.float32 if normalize else np.uint8)),
         "image_hw": ((b, 2), np.dtype(np.int32)),
         "orig_hw": ((b, 2), np.dtype(np.int32)),
@@ -393,3 +453,8 @@ def detection_batch_spec(
         "box_mask": ((b, r), np.dtype(bool)),
         "labels": ((b, r), np.dtype(np.int32)),
     }
+    if mask_scale is not None:
+        hm, wm = T.mask_shape(canvas, mask_scale)
+        spec["gt_masks"] = ((b, r, hm, wm), np.dtype(np.uint8))
+        spec["mask_valid"] = ((b, r), np.dtype(bool))
+    return spec

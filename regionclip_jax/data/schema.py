@@ -1,4 +1,4 @@
-"""The shard record schema (version 1): one image with its captions, boxes and proposals.
+"""The shard record schema (version 1): one image with its captions, boxes, masks and proposals.
 
 A record is a Python dict; on disk it is one msgpack map (https://msgpack.org, readable from any
 language; no pickle). Field names, types and meaning:
@@ -15,6 +15,7 @@ language; no pickle). Field names, types and meaning:
   | `boxes`          | float32[K, 4] xyxy pixels, or None   | array map (below) or nil             |
   | `category_ids`   | int32[K], or None                    | array map or nil                     |
   | `iscrowd`        | bool[K], or None                     | array map (uint8) or nil             |
+  | `masks`          | list[K] of RLE or None, or None      | array of (mask map or nil), or nil   |
   | `proposals`      | float32[P, 4] xyxy pixels, or None   | array map or nil                     |
   | `objectness`     | float32[P], or None                  | array map or nil                     |
 
@@ -24,6 +25,14 @@ Boxes are absolute `xyxy` in the pixel frame of the stored image: pixel (i, j) c
 indices). `boxes`, `category_ids` and `iscrowd` are present together or not at all; so are
 `proposals` and `objectness`. None means "not annotated"; an empty [0, 4] array means "annotated,
 no objects".
+
+`masks` (optional, later addition to version 1) holds one instance mask per box, aligned with
+`boxes`: each entry is a COCO compressed RLE `{"size": [height, width], "counts": bytes}` in the
+stored image's pixel frame (pycocotools' `mask.decode` reads it), or None for an instance without
+a mask (its source had no usable segmentation). The field is None when the source has no
+segmentation at all, and absent in shards written before it existed: `decode_record` returns
+None for them. On disk a mask map is `{"size": [h, w], "counts": bin}`. The schema version is
+unchanged: readers that predate the field ignore it (see below), and shards without it still read.
 
 An array map is `{"dtype": "<f4" | "<i4" | "|u1", "shape": [..], "data": bin}` with the
 little-endian, C-order bytes of the array. Unknown keys are ignored by this reader (later minor
@@ -125,7 +134,40 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     for key, dtype in _ARRAY_DTYPES.items():
         value = record.get(key)
         out[key] = None if value is None else _encode_array(np.asarray(value), dtype)
+    masks = record.get("masks")
+    out["masks"] = None if masks is None else [_encode_mask(m) for m in masks]
     return msgpack.packb(out, use_bin_type=True)
+
+
+def _encode_mask(rle: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A compressed RLE (counts bytes or str) -> the on-disk mask map; None stays None."""
+    if rle is None:
+        return None
+    counts = rle["counts"]
+    counts = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def _decode_masks(value: Any, num_boxes: int | None, where: str) -> list | None:
+    """The on-disk `masks` field -> list[K] of RLE dicts / None (checked against K boxes)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or num_boxes is None or len(value) != num_boxes:
+        raise RecordError(
+            f"{where}: field 'masks' must be a list with one entry per box ({num_boxes})"
+        )
+    out = []
+    for m in value:
+        ok = m is None or (
+            isinstance(m, Mapping)
+            and isinstance(m.get("counts"), bytes)
+            and isinstance(m.get("size"), list | tuple)
+            and len(m["size"]) == 2
+        )
+        if not ok:
+            raise RecordError(f"{where}: a 'masks' entry is not a mask map or nil")
+        out.append(None if m is None else {"size": list(m["size"]), "counts": m["counts"]})
+    return out
 
 
 def decode_record(data: bytes, *, where: str = "record") -> dict[str, Any]:
@@ -148,6 +190,8 @@ def decode_record(data: bytes, *, where: str = "record") -> dict[str, Any]:
     rec = {k: m[k] for k in RECORD_KEYS if k not in _ARRAY_KEYS}
     for key in _ARRAY_KEYS:
         rec[key] = None if m[key] is None else _decode_array(m[key], key, where)
+    boxes = rec["boxes"]
+    rec["masks"] = _decode_masks(m.get("masks"), None if boxes is None else len(boxes), where)
     return rec
 
 
@@ -213,6 +257,161 @@ def _repair_boxes(
     return keep
 
 
+# Instance masks: COCO segmentations -> compressed RLE in the stored image's frame.
+
+
+def _rle_string_counts(s: bytes) -> list[int] | None:
+    """Run lengths of a COCO compressed RLE string (pycocotools' `rleFrString`), None if cut.
+
+    Decoded here, not by pycocotools, so that a corrupt string is rejected before its C decoder
+    (which trusts the runs to sum to h * w) sees it.
+    """
+    counts: list[int] = []
+    p, n = 0, len(s)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return None  # the last run's continuation bit points past the end
+            c = s[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)  # sign extension
+        if len(counts) > 2:
+            x += counts[-2]  # runs after the third are stored as deltas
+        counts.append(x)
+    return counts
+
+
+def _runs_ok(counts: Any, total: int) -> bool:
+    """Whether `counts` are non-negative integer runs covering exactly `total` pixels."""
+    return (
+        isinstance(counts, list)
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+        and sum(counts) == total
+    )
+
+
+def _polygon_rle(seg: Any, frame: tuple[int, int], hw: tuple[int, int]) -> dict | None:
+    """COCO polygons (list of [x0, y0, x1, y1, ...]) in `frame` -> RLE at `hw`, None if bad.
+
+    Bad: no polygon, a polygon with fewer than 3 points, an odd number of coordinates or a
+    non-finite one (one bad polygon rejects the whole segmentation). Coordinates are scaled by
+    hw / frame first, so a rescaled image gets the exactly rescaled outline.
+    """
+    from pycocotools import mask as mask_util
+
+    if not seg or not all(isinstance(p, list | tuple) for p in seg):
+        return None
+    polys = []
+    for poly in seg:
+        try:
+            xy = np.asarray(poly, np.float64)
+        except (TypeError, ValueError):
+            return None
+        if xy.ndim != 1 or len(xy) < 6 or len(xy) % 2 or not np.isfinite(xy).all():
+            return None
+        xy = xy.reshape(-1, 2) * [hw[1] / frame[1], hw[0] / frame[0]]
+        polys.append(xy.ravel().tolist())
+    # frPyObjects reads a 4-number list as a box; every polygon here has >= 6 numbers.
+    return mask_util.merge(mask_util.frPyObjects(polys, hw[0], hw[1]))
+
+
+def _rle_rle(seg: Mapping[str, Any], frame: tuple[int, int], hw: tuple[int, int]) -> dict | None:
+    """COCO RLE (uncompressed `counts` list or compressed str/bytes) in `frame` -> RLE at `hw`.
+
+    Bad (None): its `size` is not `frame`, or its runs do not cover size[0] * size[1] pixels.
+    A frame other than `hw` (an image rescaled to its file's size) is resampled nearest-neighbour
+    at the pixel centres of `hw`.
+    """
+    from pycocotools import mask as mask_util
+
+    size = seg.get("size")
+    if not isinstance(size, list | tuple) or [*size] != [frame[0], frame[1]]:
+        return None
+    counts = seg.get("counts")
+    total = frame[0] * frame[1]
+    if isinstance(counts, list):
+        if not _runs_ok(counts, total):
+            return None
+        rle = mask_util.frPyObjects({"size": list(frame), "counts": counts}, *frame)
+    elif isinstance(counts, str | bytes):
+        raw = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+        if not _runs_ok(_rle_string_counts(raw), total):
+            return None
+        rle = {"size": list(frame), "counts": raw}
+    else:
+        return None
+    if tuple(frame) == tuple(hw):
+        return rle
+    full = mask_util.decode(rle)
+    rows = np.minimum(((np.arange(hw[0]) + 0.5) * frame[0] / hw[0]).astype(np.int64), frame[0] - 1)
+    cols = np.minimum(((np.arange(hw[1]) + 0.5) * frame[1] / hw[1]).astype(np.int64), frame[1] - 1)
+    return encode_mask(full[np.ix_(rows, cols)])
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """bool/uint8[h, w] -> the record's compressed RLE {"size": [h, w], "counts": bytes}."""
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
+
+
+def segmentation_to_rle(
+    seg: Any, frame: tuple[int, int], hw: tuple[int, int]
+) -> dict[str, Any] | None:
+    """One COCO/LVIS `segmentation` in the pixel frame `frame` (h, w) -> compressed RLE at `hw`.
+
+    Accepts polygons (list of [x0, y0, x1, y1, ...]), uncompressed RLE (`counts` a list) and
+    compressed RLE (`counts` a str as in COCO json, or bytes). Returns
+    {"size": [hw_h, hw_w], "counts": bytes}, or None for a bad segmentation (see `_polygon_rle`,
+    `_rle_rle`).
+    """
+    frame, hw = (int(frame[0]), int(frame[1])), (int(hw[0]), int(hw[1]))
+    if isinstance(seg, Mapping):
+        rle = _rle_rle(seg, frame, hw)
+    elif isinstance(seg, list | tuple):
+        rle = _polygon_rle(seg, frame, hw)
+    else:
+        rle = None
+    if rle is None:
+        return None
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": bytes(rle["counts"])}
+
+
+def _sanitize_masks(
+    record: Mapping[str, Any],
+    keep: np.ndarray,
+    height: int,
+    width: int,
+    repairs: collections.Counter,
+) -> list | None:
+    """The kept instances' masks of an input record (see `sanitize_record`), or None."""
+    masks = record.get("masks")
+    if masks is None:
+        return None
+    if isinstance(masks, str | bytes | Mapping) or len(masks) != len(keep):
+        raise SkipRecord("malformed", f"masks must be a list of {len(keep)} (one per box)")
+    frame = record.get("masks_frame_hw") or (height, width)
+    out = []
+    for i in np.flatnonzero(keep):
+        seg = masks[int(i)]
+        if seg is None:
+            repairs["missing_segmentation"] += 1
+            out.append(None)
+            continue
+        rle = segmentation_to_rle(seg, frame, (height, width))
+        if rle is None:
+            repairs["bad_segmentation"] += 1
+        out.append(rle)
+    return out
+
+
 def sanitize_record(
     record: Mapping[str, Any],
     *,
@@ -239,7 +438,16 @@ def sanitize_record(
         - `box_nonfinite_dropped`, `box_degenerate_dropped` (width or height <= `min_box_size`
           after clipping; inverted boxes included), `box_clipped` (clipped to the image), and
           the same three for `proposal_*`; `iscrowd` defaults to 0 and `objectness` to 0
-          when absent.
+          when absent;
+        - masks (input `masks`: one COCO `segmentation` per box - polygons, uncompressed or
+          compressed RLE - or None, in the pixel frame `masks_frame_hw` (h, w), default the
+          image's; each kept box's becomes a compressed RLE in the image's frame, polygons
+          scaled and RLEs resampled nearest-neighbour when the frame differs):
+          `bad_segmentation` (an empty polygon list, a polygon with < 3 points, odd length or
+          non-finite coordinates, an RLE whose size is not the frame or whose runs do not cover
+          it) and `missing_segmentation` (None) keep the instance with its box and no mask
+          (None): the box is still a valid detection target, and the mask loss ignores it.
+          Masks of dropped boxes are dropped with them; `masks` without boxes is `malformed`.
 
     Args:
       record: input dict with the keys of the schema (`schema_version` is ignored; `source`,
@@ -304,6 +512,7 @@ def sanitize_record(
         "iscrowd": None,
         "proposals": None,
         "objectness": None,
+        "masks": None,
     }
 
     if record.get("boxes") is not None:
@@ -322,8 +531,11 @@ def sanitize_record(
         out["boxes"] = boxes[keep].astype(np.float32)
         out["category_ids"] = cats[keep].astype(np.int32)
         out["iscrowd"] = crowd[keep] != 0
+        out["masks"] = _sanitize_masks(record, keep, height, width, repairs)
     elif record.get("category_ids") is not None:
         raise SkipRecord("malformed", "category_ids without boxes")
+    elif record.get("masks") is not None:
+        raise SkipRecord("malformed", "masks without boxes")
     if require_boxes and (out["boxes"] is None or len(out["boxes"]) == 0):
         raise SkipRecord("no_boxes", "no valid box")
 

@@ -18,7 +18,11 @@ Each object is a polygon (circles and hearts are 48-gons) lying fully inside the
 belongs to it when the pixel's centre lies inside the polygon (`rasterize_polygon`; no
 anti-aliasing), and its ground-truth box is the tight extent of those pixels as if nothing covered
 it ([x1, y1, x2, y2], x2/y2 exclusive). Objects with less than `min_visible` of their pixels
-visible stay in the picture but are left out of the ground truth and of the captions.
+visible stay in the picture but are left out of the ground truth and of the captions. An
+object's instance mask is its visible part only (its pixels not covered by later objects), as
+COCO annotates occluded objects: the box is the unoccluded extent while the mask may be smaller
+(COCO's `area` is the mask's). Masks are written as compressed RLE into the shards (`masks`) and
+into the COCO json (`segmentation`, counts as a str).
 
 Determinism: scene `index` of split `split` depends only on (seed, split, index, config), through
 `np.random.default_rng([seed, split_code, index])`, so any subset can be regenerated alone and
@@ -41,6 +45,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from regionclip_jax.data.schema import encode_mask
 
 # Bump when a change alters the generated pixels, boxes or captions for the same arguments.
 GENERATOR_VERSION = 1
@@ -359,16 +365,32 @@ class SceneObject:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """A rendered scene: image uint8[S, S, 3], background kind, objects in drawing order, captions."""
+    """A rendered scene: image uint8[S, S, 3], background kind, objects in drawing order, captions,
+    and `labels` uint8[S, S]: 1 + the index in `objects` of the topmost object at each pixel
+    (0: background)."""
 
     image: np.ndarray
     background: str
     objects: tuple[SceneObject, ...]
     captions: tuple[str, ...]
+    labels: np.ndarray
 
     @property
     def kept(self) -> tuple[SceneObject, ...]:
         return tuple(o for o in self.objects if o.kept)
+
+    @property
+    def kept_indices(self) -> tuple[int, ...]:
+        """Indices in `objects` of the kept objects (the ground truth), in drawing order."""
+        return tuple(i for i, o in enumerate(self.objects) if o.kept)
+
+    def visible_mask(self, i: int) -> np.ndarray:
+        """bool[S, S]: the pixels of object `i` left visible by the objects drawn after it.
+
+        The instance mask of the ground truth, as COCO annotates occluded objects (visible part
+        only); its area is the object's `visible_area`.
+        """
+        return self.labels == i + 1
 
 
 def _scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -595,7 +617,7 @@ def render_scene(
         config.color_mention,
         config.size_mention,
     )
-    return Scene(image, background, tuple(objects), tuple(captions))
+    return Scene(image, background, tuple(objects), tuple(captions), labels)
 
 
 def encode_image(image: np.ndarray, image_format: str = "png") -> bytes:
@@ -615,9 +637,13 @@ def scene_record(
     split: str = "train",
     config: ShapesWorldConfig = ShapesWorldConfig(),
 ) -> tuple[dict[str, Any], Scene]:
-    """The shard record (schema.py) of one scene, and the scene."""
+    """The shard record (schema.py) of one scene, and the scene.
+
+    `masks` holds each kept object's visible mask (`Scene.visible_mask`) as a compressed RLE.
+    """
     scene = render_scene(index, seed=seed, split=split, config=config)
     kept = scene.kept
+    masks = [encode_mask(scene.visible_mask(i)) for i in scene.kept_indices]
     record = {
         "id": f"{SOURCE}-{split}-{index:08d}",
         "source": SOURCE,
@@ -629,6 +655,7 @@ def scene_record(
         "boxes": np.array([o.box for o in kept], np.float32).reshape(-1, 4),
         "category_ids": np.array([category_id(o.shape, o.color, config) for o in kept], np.int32),
         "iscrowd": np.zeros(len(kept), bool),
+        "masks": masks,
         "proposals": None,
         "objectness": None,
     }
@@ -649,7 +676,7 @@ def _coco_entries(
         "num_occluded_dropped": sum(1 for o in scene.objects if not o.kept),
     }
     anns = []
-    for o in scene.kept:
+    for o, rle in zip(scene.kept, record["masks"]):
         x1, y1, x2, y2 = (float(v) for v in o.box)
         anns.append(
             {
@@ -658,6 +685,8 @@ def _coco_entries(
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 # COCO's area is that of the visible region (as for occluded COCO masks).
                 "area": float(o.visible_area),
+                # The visible mask as COCO's compressed RLE (counts as a str, as in its json).
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
                 "iscrowd": 0,
                 "shape": o.shape,
                 "color": o.color,

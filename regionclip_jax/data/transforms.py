@@ -122,3 +122,49 @@ def normalize_padded(images: np.ndarray, image_hw: np.ndarray) -> np.ndarray:
         np.arange(wc)[None, None, :] < image_hw[:, 1, None, None]
     )
     return np.where(valid[..., None], out, np.float32(0.0))
+
+
+def mask_shape(canvas: tuple[int, int], mask_scale: float) -> tuple[int, int]:
+    """(Hm, Wm) = (ceil(Hc * mask_scale), ceil(Wc * mask_scale)) of the instance-mask canvas."""
+    # The epsilon keeps e.g. 100 * 0.07 = 7.000000000000001 at 7, not 8.
+    return tuple(max(1, math.ceil(c * mask_scale - 1e-9)) for c in canvas)
+
+
+def mask_sample_indices(
+    height: int,
+    width: int,
+    new_h: int,
+    new_w: int,
+    mask_scale: float,
+    mask_hw: tuple[int, int],
+    flip: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source pixels of a mask resized with its image, flipped, and sampled at `mask_scale`.
+
+    Nearest-neighbour point sampling: mask pixel (i, j) of the [Hm, Wm] mask canvas covers canvas
+    pixels [j / s, (j + 1) / s) x [i / s, (i + 1) / s) (s = mask_scale); its centre
+    ((j + 0.5) / s, (i + 0.5) / s) lies in the resized (and maybe mirrored) image when it is
+    inside [0, new_w) x [0, new_h), and maps back to the stored image pixel
+    (floor(y * height / new_h), floor(x' * width / new_w)) with x' = new_w - x when flipped (the
+    inverse of `scale_boxes` / `hflip_boxes`). So a mask's extent follows its box: a box b in
+    canvas pixels covers b * s in the mask canvas, to within a pixel.
+
+    Args:
+      height, width: the stored image (and its masks).
+      new_h, new_w: the resized image in the canvas.
+      mask_scale: s, mask-canvas pixels per canvas pixel.
+      mask_hw: (Hm, Wm), `mask_shape(canvas, s)`.
+      flip: whether the image was mirrored.
+
+    Returns:
+      (rows int64[nr], cols int64[nc]): mask[:nr, :nc] = stored_mask[rows][:, cols]; mask pixels
+      beyond them lie outside the resized image (padding, zero).
+    """
+    yc = (np.arange(mask_hw[0]) + 0.5) / mask_scale
+    xc = (np.arange(mask_hw[1]) + 0.5) / mask_scale
+    yc, xc = yc[yc < new_h], xc[xc < new_w]
+    if flip:
+        xc = new_w - xc
+    rows = np.clip(np.floor(yc * (height / new_h)).astype(np.int64), 0, height - 1)
+    cols = np.clip(np.floor(xc * (width / new_w)).astype(np.int64), 0, width - 1)
+    return rows, cols

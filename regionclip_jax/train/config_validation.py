@@ -175,6 +175,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.detect.focal_gamma = -1.0  # < 0: the task's default (coco 0.5; lvis has none)
     c.detect.temperature = 0.01
     c.detect.mask_on = False
+    # GT instance masks kept at this fraction of the canvas size (detection_pipeline docstring).
+    c.detect.mask_scale = 0.25
     c.detect.freeze_at = 2
     c.detect.pooler_resolution = 0  # 0 = 2 x input_resolution / 32
     c.detect.max_boxes = 100  # GT slots per image
@@ -532,6 +534,7 @@ def _check_fields(ck: _Checker) -> dict[str, Any]:
     v[t + "focal_gamma"] = number(t + "focal_gamma")  # < 0: the task's default
     number(t + "temperature", 0, lo_open=True)
     boolean(t + "mask_on")
+    number(t + "mask_scale", 0, 1, lo_open=True)
     integer(t + "freeze_at", 0, 5)
     integer(t + "pooler_resolution", 0)
     integer(t + "max_boxes", 1)

@@ -271,10 +271,13 @@ def training_dataset(
     repeat_threshold: float | None = None,
 ):
     """This process's uint8 training batches (`make_detection_dataset`) under `config`'s
-    data / detect settings: multi-scale `detect.train_sizes`, flips, `category_map` labels."""
+    data / detect settings: multi-scale `detect.train_sizes`, flips, `category_map` labels, and
+    with `detect.mask_on` the GT instance masks (`gt_masks`, `mask_valid`) at
+    `detect.mask_scale` of the canvas."""
     from regionclip_jax.data.detection_pipeline import make_detection_dataset
 
     d, t = config.data, config.detect
+    mask_scale = float(t.get("mask_scale", 0.25)) if bool(t.mask_on) else None
     return make_detection_dataset(
         d.train,
         batch_size=int(d.batch_size) // shard_count,
@@ -290,6 +293,7 @@ def training_dataset(
         num_workers=int(d.num_workers),
         flip=bool(d.flip),
         normalize=False,
+        mask_scale=mask_scale,
     )
 
 
