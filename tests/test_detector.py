@@ -8,7 +8,10 @@ IoU (detectron2 `pairwise_iou`), best valid GT per candidate with IoU >= 0.5 -> 
 background K; logits cos(x̂, ŵ)/0.01 with a 0 background column; COCO focal-scaled CE (γ 0.5,
 background weight 0.2, plain mean) or LVIS weighted CE (background 0.8, weighted mean); L1 on
 Box2BoxTransform(10, 10, 5, 5) deltas summed over foreground / number of sampled RoIs; the
-mask head (deconv 2x2 s2 + ReLU + 1x1) and per-pixel BCE against box-filled targets.
+mask head (deconv 2x2 s2 + ReLU + 1x1) and per-pixel BCE against box-filled targets (the
+fallback without masks) or against detectron2's `BitMasks.crop_and_resize` of GT bitmaps (the
+NumPy RoIAlign reference of tests/test_mask_head.py), foreground RoIs whose GT has no mask left
+out.
 
 Region features for the reference come from `RegionEncoder` / `visual.res5` on every candidate
 (tested against open_clip + torchvision in test_region.py), not from the detector's own path.
@@ -314,6 +317,85 @@ def test_lvis_mask_losses_and_gradients():
     assert norm(v["layer1"]) == 0 and norm({k: v[k] for k in ("conv1", "bn1", "conv3")}) == 0
     assert "train_embeddings" not in g and "test_embeddings" not in g
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+
+
+def reference_gt_index(props, valid, gt, labels, gmask):
+    """Per image: the GT slot (index into `gt[i]`) every candidate matches, -1 for background."""
+    out = []
+    for i in range(B):
+        cand = np.concatenate([props[i], gt[i]]).astype(np.float64)
+        nonempty = (gt[i][:, 2] > gt[i][:, 0]) & (gt[i][:, 3] > gt[i][:, 1])
+        gok = gmask[i] & (labels[i] >= 0) & nonempty
+        idx = np.full(len(cand), -1)
+        if gok.any():
+            iou = np_iou(gt[i][gok].astype(np.float64), cand)
+            idx = np.where(iou.max(0) >= 0.5, np.nonzero(gok)[0][iou.argmax(0)], -1)
+        out.append(idx)
+    return out
+
+
+def test_mask_loss_with_bitmaps_and_mask_valid():
+    """`gt_masks` + `mask_valid`: BCE over the fg RoIs whose GT has a mask, against
+    BitMasks.crop_and_resize of the matched bitmap (masks at half the canvas resolution)."""
+    from test_mask_head import bitmask_rule
+
+    model = random_model(mask_head=True, seed=3)
+    batch = make_batch(3)
+    images, props, valid, gt, labels, gmask = batch
+    cands = reference_candidates(*batch[1:])
+    gidx = reference_gt_index(*batch[1:])
+    _, res5 = reference_features(model, images, cands)
+    scale, hm = 0.5, HW // 2
+    rng = np.random.RandomState(3)
+    # Blobby bitmaps (not boxes): a disc of random radius inside each GT box.
+    yy, xx = np.mgrid[0:hm, 0:hm] + 0.5
+    masks = np.zeros((B, G, hm, hm), np.uint8)
+    for i, j in np.ndindex(B, G):
+        x1, y1, x2, y2 = gt[i, j] * scale
+        r = 0.5 * min(x2 - x1, y2 - y1) * rng.uniform(0.6, 1.0)
+        masks[i, j] = (xx - (x1 + x2) / 2) ** 2 + (yy - (y1 + y2) / 2) ** 2 <= r * r
+    mask_valid = np.array([[True, False, True], [True, True, True]])
+
+    def mask_head_logits(r5):
+        mh = model.mask_head
+        k = np.asarray(mh.deconv_kernel[...], np.float64)
+        n, sz = r5.shape[:2]
+        up = np.zeros((n, 2 * sz, 2 * sz, k.shape[-1]))
+        for a in range(2):
+            for b_ in range(2):
+                up[:, a::2, b_::2] = r5 @ k[a, b_]
+        up = np.maximum(up + np.asarray(mh.deconv_bias[...]), 0)
+        w = np.asarray(mh.predictor.kernel[...], np.float64)
+        return (up @ w)[..., 0] + float(np.asarray(mh.predictor.bias[...])[0])
+
+    logits, targets = [], []
+    for i, (cand, ok, lab, _) in enumerate(cands):
+        for c in np.nonzero(ok & (lab < K_TRAIN))[0]:
+            g = gidx[i][c]
+            if not mask_valid[i, g]:
+                continue
+            logits.append(mask_head_logits(res5[i][c : c + 1].astype(np.float64))[0])
+            m = logits[-1].shape[-1]
+            targets.append(bitmask_rule(masks[i, g], cand[c].astype(np.float32), m, scale)[0])
+    assert len(logits) == 2  # image 0: GT 0 and its proposal; GT 1 (and its proposal) no mask
+    z, t = np.stack(logits), np.stack(targets).astype(np.float64)
+    want = np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z))))
+    assert 0.1 < t.mean() < 0.9
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, masks, mask_valid):
+        m = nnx.merge(graphdef, state)
+        return loss_fn(m, batch, "lvis", gt_masks=masks, mask_valid=mask_valid, mask_scale=scale)
+
+    _, m = run(state, jnp.asarray(masks), jnp.asarray(mask_valid))
+    np.testing.assert_allclose(m["loss_mask"], want, rtol=2e-4)
+    # Every GT with a mask: more RoIs enter; no GT with a mask: the loss is 0.
+    _, m_all = run(state, jnp.asarray(masks), jnp.ones((B, G), bool))
+    assert abs(float(m_all["loss_mask"]) - want) > 1e-4
+    _, m_none = run(state, jnp.asarray(masks), jnp.zeros((B, G), bool))
+    assert float(m_none["loss_mask"]) == 0.0
 
 
 def test_predict_decoding(model):

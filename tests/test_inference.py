@@ -318,3 +318,40 @@ def test_vocabulary_file_not_utf8_names_file_and_line(tmp_path):
         r"column 4\)",
     ):
         parse_vocabulary(str(words))
+
+
+def test_detections_masks_in_json_and_picture():
+    from pycocotools import mask as mask_utils
+
+    from regionclip_jax.inference.recognizer import Detections
+    from regionclip_jax.inference.visualize import draw_boxes, draw_detections
+
+    h, w = 60, 80
+    boxes = np.array([[2, 3, 30, 50], [40, 4, 78, 56]], np.float32)
+    args = (boxes, np.array([0.9, 0.4], np.float32), np.array([0, 1], np.int32), ["a", "b"])
+    plain = Detections(*args)
+    assert all("mask" not in d for d in plain.to_dict()["detections"])  # unchanged without masks
+    bm = np.zeros((2, h, w), np.uint8)
+    bm[0, 30:45, 5:25] = 1
+    bm[1, 30:50, 45:70] = 1
+    rles = [
+        {"size": [h, w], "counts": r["counts"].decode()}
+        for r in mask_utils.encode(np.asfortranarray(bm.transpose(1, 2, 0)))
+    ]
+    with_masks = Detections(*args, masks=rles)
+    got = [d["mask"] for d in with_masks.to_dict()["detections"]]
+    assert [mask_utils.decode(m).astype(bool).sum() for m in got] == [300, 500]
+    assert with_masks.to_json()  # JSON-serialisable
+    image = np.full((h, w, 3), 100, np.uint8)
+    pic = np.asarray(draw_detections(image, with_masks))
+    ref = np.asarray(draw_boxes(image, boxes, ["a", "b"], args[1], class_ids=[0, 1]))
+    # Inside mask 0 (away from box outline and caption) the colour is blended 45% towards blue.
+    np.testing.assert_array_equal(
+        pic[40, 10], np.round(0.55 * 100 + 0.45 * np.array([31, 119, 180]))
+    )
+    assert not np.array_equal(pic[40, 55], ref[40, 55])  # mask 1
+    np.testing.assert_array_equal(pic[58, 35], ref[58, 35])  # outside every mask and box
+    bools = np.asarray(
+        draw_boxes(image, boxes, ["a", "b"], args[1], class_ids=[0, 1], masks=bm.astype(bool))
+    )
+    np.testing.assert_array_equal(bools, pic)

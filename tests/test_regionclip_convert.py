@@ -15,8 +15,12 @@ import pytest
 from flax import nnx
 
 from regionclip_jax.convert.regionclip import (
+    MASK_HEAD_KEYS,
+    RegionCLIPWeights,
+    load_mask_head,
     load_regionclip,
     load_regionclip_file,
+    mask_head_arrays,
     pretrain_init_from_openai,
     regionclip_from_state_dict,
     regionclip_to_state_dict,
@@ -24,6 +28,7 @@ from regionclip_jax.convert.regionclip import (
     split_regionclip_state_dict,
 )
 from regionclip_jax.losses.common import logits_with_background
+from regionclip_jax.models.detector import OVDFastRCNN
 from regionclip_jax.models.region import RegionEncoder
 
 TEXT = dict(width=64, heads=1, layers=1, vocab_size=300)
@@ -206,3 +211,126 @@ def test_pretrain_init_copies_the_visual_tower():
     before = np.asarray(w.teacher.conv1.kernel[...]).copy()
     w.clip.visual.conv1.kernel[...] = jnp.zeros_like(w.clip.visual.conv1.kernel[...])
     np.testing.assert_array_equal(w.teacher.conv1.kernel[...], before)
+
+
+# -------------------------------------------------------------------------------- mask head
+
+RES5 = VISION["width"] * 32  # the mask head's input width (2048 for RN50)
+
+
+def torch_mask_head(seed: int = 0):
+    """detectron2 `MaskRCNNConvUpsampleHead` with NUM_CONV 0, class-agnostic: deconv =
+    ConvTranspose2d(C, 256, 2, stride 2) -> ReLU -> predictor = Conv2d(256, 1, 1)."""
+    import torch
+
+    torch.manual_seed(seed)
+    deconv = torch.nn.ConvTranspose2d(RES5, 256, kernel_size=2, stride=2, padding=0)
+    predictor = torch.nn.Conv2d(256, 1, kernel_size=1, stride=1, padding=0)
+    with torch.no_grad():
+        for t in (deconv.bias, predictor.weight, predictor.bias):
+            t.normal_(0.0, 0.1)
+
+    def forward(x):
+        return predictor(torch.relu(deconv(x)))
+
+    sd = {f"deconv.{k}": v.detach().numpy().copy() for k, v in deconv.state_dict().items()}
+    sd.update(
+        {f"predictor.{k}": v.detach().numpy().copy() for k, v in predictor.state_dict().items()}
+    )
+    return forward, sd
+
+
+def detector_with_mask_head(visual) -> OVDFastRCNN:
+    return OVDFastRCNN(
+        visual, num_train_classes=3, num_test_classes=3, mask_head=True, rngs=nnx.Rngs(9)
+    )
+
+
+@pytest.mark.torch_ref
+def test_released_mask_head_loads_and_gives_reference_logits(tmp_path):
+    """`roi_heads.mask_head.*` of an LVIS checkpoint -> our MaskHead: the same mask logits as the
+    torch head on random res5 features (max|d| / max|ref| <= 1e-5); kept through save / load and
+    back to RegionCLIP names."""
+    import torch
+
+    tm = torch_clip()
+    sd = regionclip_sd(tm)
+    forward, head_sd = torch_mask_head()
+    assert head_sd["deconv.weight"].shape == (RES5, 256, 2, 2)
+    assert head_sd["predictor.weight"].shape == (1, 256, 1, 1)
+    sd.update({"roi_heads.mask_head." + k: v for k, v in head_sd.items()})
+    with pytest.warns(UserWarning, match="2 keys not loaded"):
+        w = regionclip_from_state_dict(sd, load_teacher=False)
+    assert not any("mask_head" in k for k in w.ignored)
+    assert set(w.mask_head) == set(MASK_HEAD_KEYS)
+
+    det = detector_with_mask_head(w.clip.visual)
+    load_mask_head(det.mask_head, w.mask_head)
+    rng = np.random.RandomState(0)
+    res5 = rng.randn(5, 7, 7, RES5).astype(np.float32)  # NHWC, as the detector's res5 maps
+    ours = np.asarray(det.mask_head(jnp.asarray(res5)))
+    with torch.no_grad():
+        ref = forward(torch.from_numpy(res5.transpose(0, 3, 1, 2).copy()))[:, 0].numpy()
+    assert ours.shape == ref.shape == (5, 14, 14)
+    assert rel_err(ours, ref) <= 1e-5
+
+    dest = save_regionclip(w, tmp_path / "ckpt")
+    loaded = load_regionclip(dest)
+    for k, v in head_sd.items():
+        np.testing.assert_array_equal(loaded.mask_head[k], v)
+    back = regionclip_to_state_dict(w)
+    for k, v in head_sd.items():
+        np.testing.assert_array_equal(back["roi_heads.mask_head." + k], v)
+    for k, v in mask_head_arrays(det.mask_head).items():
+        np.testing.assert_array_equal(v, head_sd[k])
+
+    # A class-specific predictor, or a deconv of another res5 width, fail naming the key.
+    bad = dict(sd)
+    bad["roi_heads.mask_head.predictor.weight"] = np.zeros((5, 256, 1, 1), np.float32)
+    with pytest.raises(ValueError, match=r"mask_head\.predictor\.weight.*class-specific"):
+        regionclip_from_state_dict(bad, load_teacher=False)
+    bad = dict(sd)
+    bad["roi_heads.mask_head.deconv.weight"] = np.zeros((RES5 // 2, 256, 2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"mask_head\.deconv\.weight"):
+        regionclip_from_state_dict(bad, load_teacher=False)
+    bad = {k: v for k, v in sd.items() if k != "roi_heads.mask_head.deconv.bias"}
+    with pytest.raises(ValueError, match=r"mask_head\.deconv\.bias"):
+        regionclip_from_state_dict(bad, load_teacher=False)
+    bad = dict(sd, **{"roi_heads.mask_head.mask_fcn1.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"unknown keys.*mask_fcn1"):
+        split_regionclip_state_dict(bad)
+
+
+def test_mask_head_arrays_map_to_the_conv_transpose():
+    """Without torch: `load_mask_head` of PyTorch-layout arrays = a NumPy ConvTranspose2d(k=2,
+    s=2) -> ReLU -> 1x1 written from its definition, and `mask_head_arrays` inverts it."""
+    from regionclip_jax.models.resnet import ModifiedResNet
+
+    visual = ModifiedResNet((1, 1, 1, 1), EMBED, 1, 64, 16, rngs=nnx.Rngs(0))
+    det = detector_with_mask_head(visual)
+    rng = np.random.RandomState(1)
+    c = 16 * 32
+    arrays = {
+        "deconv.weight": rng.randn(c, 256, 2, 2).astype(np.float32) * 0.05,
+        "deconv.bias": rng.randn(256).astype(np.float32) * 0.1,
+        "predictor.weight": rng.randn(1, 256, 1, 1).astype(np.float32) * 0.1,
+        "predictor.bias": rng.randn(1).astype(np.float32),
+    }
+    load_mask_head(det.mask_head, arrays)
+    x = rng.randn(2, 3, 3, c).astype(np.float32)
+    # ConvTranspose2d, stride 2, kernel 2: out[o, 2i + a, 2j + b] = sum_c x[c, i, j] W[c, o, a, b].
+    up = np.zeros((2, 6, 6, 256))
+    for n, i, j, a, b in np.ndindex(2, 3, 3, 2, 2):
+        up[n, 2 * i + a, 2 * j + b] = (
+            x[n, i, j].astype(np.float64) @ arrays["deconv.weight"][:, :, a, b]
+        )
+    up = np.maximum(up + arrays["deconv.bias"], 0.0)
+    want = up @ arrays["predictor.weight"][0, :, 0, 0] + arrays["predictor.bias"][0]
+    got = np.asarray(det.mask_head(jnp.asarray(x)))
+    assert rel_err(got, want) <= 1e-5
+    for k, v in mask_head_arrays(det.mask_head).items():
+        np.testing.assert_array_equal(v, arrays[k])
+    # A checkpoint without the head is refused, not silently left at the random init.
+    with pytest.raises(ValueError, match="no roi_heads.mask_head"):
+        load_mask_head(det.mask_head, {})
+    assert RegionCLIPWeights(clip=None, heads={}).mask_head == {}

@@ -8,7 +8,8 @@ A RegionCLIP `.pth` is `{'model': state_dict, ...}` (spec §7.2). Its keys, by p
   teacher_backbone.*         pretraining's frozen teacher (CLIP visual names) -> `teacher`
   offline_backbone.*, offline_proposal_generator.*   the offline RPN: reported, not loaded
                              (load it with convert.detectron2_rpn.load_detectron2_rpn)
-  roi_heads.mask_head.*      LVIS mask head: reported, not loaded
+  roi_heads.mask_head.*      LVIS mask head (deconv / predictor)   -> `mask_head` (PyTorch layout),
+                             loaded into `OVDFastRCNN.mask_head` by `load_mask_head`
 
 `logit_scale` is not in RegionCLIP files (its classifier uses a fixed temperature 0.01); the CLIP
 gets OpenAI's initial value log(1/0.07). A checkpoint without `lang_encoder.*` (transfer
@@ -16,7 +17,8 @@ checkpoints saved without `GET_CONCEPT_EMB`) needs the text tower from another f
 (`text_state_dict=`: an OpenAI CLIP state dict of the same model, e.g. RN50.pt).
 
 Converted checkpoints are a `save_clip` directory plus `regionclip_heads.npz` (the box-predictor
-arrays, PyTorch layout) and a `"regionclip"` entry in `model.json` listing them.
+arrays, PyTorch layout), `regionclip_mask_head.npz` (the mask head's, PyTorch layout; LVIS
+checkpoints only) and a `"regionclip"` entry in `model.json` listing them.
 """
 
 from __future__ import annotations
@@ -43,8 +45,14 @@ HEAD_KEYS = (
     "bbox_pred.weight",
     "bbox_pred.bias",
 )
+MASK_HEAD_FILE = "regionclip_mask_head.npz"
+_MASK_HEAD = "roi_heads.mask_head."
+# detectron2 `MaskRCNNConvUpsampleHead` (NUM_CONV 0, class-agnostic), PyTorch layout:
+# deconv = ConvTranspose2d(C_res5, D, 2, stride 2): weight [C_res5, D, 2, 2], bias [D];
+# predictor = Conv2d(D, 1, 1): weight [1, D, 1, 1], bias [1].
+MASK_HEAD_KEYS = ("deconv.weight", "deconv.bias", "predictor.weight", "predictor.bias")
 # Prefixes of parts we recognise but do not load.
-IGNORED_PREFIXES = ("offline_backbone.", "offline_proposal_generator.", "roi_heads.mask_head.")
+IGNORED_PREFIXES = ("offline_backbone.", "offline_proposal_generator.")
 _NON_PERSISTENT = ("pixel_mean", "pixel_std", "concept_emb", "teacher_concept_emb", "ignore_others")
 
 
@@ -56,13 +64,16 @@ class RegionCLIPWeights:
       clip: our `CLIP` (visual tower = RegionCLIP's backbone + RoI head, text = lang_encoder).
       heads: box-predictor arrays by name (`HEAD_KEYS`, PyTorch layout), possibly empty.
       teacher: the pretraining teacher's visual tower (a `ModifiedResNet`) or None.
-      ignored: recognised keys that were not loaded (offline RPN, mask head), sorted.
+      ignored: recognised keys that were not loaded (offline RPN, buffers), sorted.
+      mask_head: the LVIS mask head's arrays by name (`MASK_HEAD_KEYS`, PyTorch layout), empty
+        for checkpoints without one; `load_mask_head` puts them into a detector's mask head.
     """
 
     clip: Any
     heads: dict[str, np.ndarray]
     teacher: Any = None
     ignored: list[str] = dataclasses.field(default_factory=list)
+    mask_head: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def is_regionclip_state_dict(state_dict: Mapping[str, Any]) -> bool:
@@ -72,12 +83,13 @@ def is_regionclip_state_dict(state_dict: Mapping[str, Any]) -> bool:
 
 def split_regionclip_state_dict(
     state_dict: Mapping[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray], list[str]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     """Splits a RegionCLIP state dict by part.
 
     Returns:
       (`clip_sd`: OpenAI-named student visual + text entries, `teacher_sd`: OpenAI-named
-      `visual.*` entries of the teacher (empty if absent), `heads`, `ignored` keys).
+      `visual.*` entries of the teacher (empty if absent), `heads`, `mask_head` (names without
+      the `roi_heads.mask_head.` prefix, empty if absent), `ignored` keys).
 
     Raises:
       ValueError: naming keys with an unknown prefix or predictor entries we do not know.
@@ -85,6 +97,7 @@ def split_regionclip_state_dict(
     clip_sd: dict[str, Any] = {}
     teacher_sd: dict[str, Any] = {}
     heads: dict[str, np.ndarray] = {}
+    mask_head: dict[str, np.ndarray] = {}
     ignored: list[str] = []
     unknown: list[str] = []
     for key, value in state_dict.items():
@@ -100,6 +113,12 @@ def split_regionclip_state_dict(
                 unknown.append(key)
             else:
                 heads[name] = np.asarray(value, np.float32)
+        elif key.startswith(_MASK_HEAD):
+            name = key[len(_MASK_HEAD) :]
+            if name not in MASK_HEAD_KEYS:
+                unknown.append(key)
+            else:
+                mask_head[name] = np.asarray(value, np.float32)
         elif key.startswith(IGNORED_PREFIXES) or key in _NON_PERSISTENT:
             ignored.append(key)
         else:
@@ -110,9 +129,10 @@ def split_regionclip_state_dict(
         raise ValueError(
             f"unknown keys in RegionCLIP checkpoint: {shown}{more}; expected prefixes backbone., "
             "lang_encoder., teacher_backbone., roi_heads.box_predictor. "
-            f"({', '.join(HEAD_KEYS)}), {', '.join(IGNORED_PREFIXES)}"
+            f"({', '.join(HEAD_KEYS)}), {_MASK_HEAD} ({', '.join(MASK_HEAD_KEYS)}), "
+            f"{', '.join(IGNORED_PREFIXES)}"
         )
-    return clip_sd, teacher_sd, heads, sorted(ignored)
+    return clip_sd, teacher_sd, heads, mask_head, sorted(ignored)
 
 
 def _check_heads(heads: Mapping[str, np.ndarray], embed_dim: int) -> None:
@@ -136,6 +156,92 @@ def _check_heads(heads: Mapping[str, np.ndarray], embed_dim: int) -> None:
                 f"{key}: expected shape {want} (embedding dim {embed_dim} from the checkpoint), "
                 f"found {shape}"
             )
+
+
+def _check_mask_head(arrays: Mapping[str, np.ndarray], in_channels: int | None) -> None:
+    """Shapes of a class-agnostic `MaskRCNNConvUpsampleHead` (NUM_CONV 0), named by key.
+
+    Args:
+      in_channels: the res5 width the backbone gives (32 x the stem width), None: unchecked.
+    """
+    if not arrays:
+        return
+    missing = [k for k in MASK_HEAD_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(
+            "RegionCLIP checkpoint: incomplete mask head, missing "
+            + ", ".join(repr(_MASK_HEAD + k) for k in missing)
+        )
+    w = tuple(np.shape(arrays["deconv.weight"]))
+    if len(w) != 4 or w[2:] != (2, 2) or (in_channels is not None and w[0] != in_channels):
+        want = f"({in_channels if in_channels is not None else 'C'}, D, 2, 2)"
+        raise ValueError(
+            f"RegionCLIP checkpoint: {_MASK_HEAD}deconv.weight: expected shape {want} "
+            f"(ConvTranspose2d 2x2 from the res5 width), found {w}"
+        )
+    d = w[1]
+    want_shapes = {"deconv.bias": (d,), "predictor.weight": (1, d, 1, 1), "predictor.bias": (1,)}
+    for name, want_shape in want_shapes.items():
+        got = tuple(np.shape(arrays[name]))
+        if got != want_shape:
+            hint = " (a class-specific mask head; RegionCLIP's is class-agnostic)" * (
+                name.startswith("predictor") and len(got) >= 1 and got[0] != 1
+            )
+            raise ValueError(
+                f"RegionCLIP checkpoint: {_MASK_HEAD}{name}: expected shape {want_shape}, "
+                f"found {got}{hint}"
+            )
+
+
+def load_mask_head(mask_head: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Puts a RegionCLIP mask head (PyTorch layout, `MASK_HEAD_KEYS`) into our `MaskHead`.
+
+    `deconv.weight [C, D, 2, 2]` -> `deconv_kernel[a, b, c, o] = weight[c, o, a, b]` (the
+    ConvTranspose2d(k=2, s=2) of `models.detector.MaskHead`), `predictor.weight [1, D, 1, 1]` ->
+    `predictor.kernel [D, 1]`; biases as they are. Values are cast to the head's param dtype.
+
+    Args:
+      mask_head: `models.detector.MaskHead` (e.g. `OVDFastRCNN(..., mask_head=True).mask_head`),
+        updated in place.
+      arrays: `RegionCLIPWeights.mask_head`.
+
+    Raises:
+      ValueError: a missing key or a shape that does not fit this head, naming the key.
+    """
+    kernel = mask_head.deconv_kernel
+    c, d = (int(n) for n in kernel[...].shape[2:])
+    _check_mask_head(arrays, c)
+    if not arrays:
+        raise ValueError("the checkpoint has no roi_heads.mask_head.* weights")
+    got_d = int(np.shape(arrays["deconv.weight"])[1])
+    if got_d != d:
+        raise ValueError(
+            f"RegionCLIP checkpoint: {_MASK_HEAD}deconv.weight has {got_d} output channels, "
+            f"the mask head has conv_dim {d}"
+        )
+
+    import jax.numpy as jnp
+
+    def put(var: Any, value: np.ndarray) -> None:
+        var.set_value(jnp.asarray(np.asarray(value, np.float32), var[...].dtype))
+
+    w = np.asarray(arrays["deconv.weight"], np.float32)
+    put(kernel, w.transpose(2, 3, 0, 1))
+    put(mask_head.deconv_bias, arrays["deconv.bias"])
+    put(mask_head.predictor.kernel, np.asarray(arrays["predictor.weight"]).reshape(1, d).T)
+    put(mask_head.predictor.bias, arrays["predictor.bias"])
+
+
+def mask_head_arrays(mask_head: Any) -> dict[str, np.ndarray]:
+    """The inverse of `load_mask_head`: our `MaskHead` -> PyTorch-layout arrays by name."""
+    k = np.asarray(mask_head.deconv_kernel[...], np.float32)
+    p = np.asarray(mask_head.predictor.kernel[...], np.float32)
+    return {
+        "deconv.weight": k.transpose(2, 3, 0, 1),
+        "deconv.bias": np.asarray(mask_head.deconv_bias[...], np.float32),
+        "predictor.weight": p.T.reshape(1, -1, 1, 1),
+        "predictor.bias": np.asarray(mask_head.predictor.bias[...], np.float32),
+    }
 
 
 def regionclip_from_state_dict(
@@ -166,7 +272,7 @@ def regionclip_from_state_dict(
 
     dtype = jnp.float32 if dtype is None else dtype
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
-    clip_sd, teacher_sd, heads, ignored = split_regionclip_state_dict(state_dict)
+    clip_sd, teacher_sd, heads, mask_head, ignored = split_regionclip_state_dict(state_dict)
     if not any(k.startswith("visual.") for k in clip_sd):
         raise ValueError("no backbone.* keys: this is not a RegionCLIP detector checkpoint")
     if "text_projection" not in clip_sd:
@@ -187,6 +293,7 @@ def regionclip_from_state_dict(
     except ValueError as e:
         raise ValueError(_regionclip_names(str(e))) from None
     _check_heads(heads, config.embed_dim)
+    _check_mask_head(mask_head, _res5_width(config))
     teacher = None
     if teacher_sd and load_teacher:
         t_sd = {**{k: v for k, v in clip_sd.items() if not k.startswith("visual.")}, **teacher_sd}
@@ -202,10 +309,19 @@ def regionclip_from_state_dict(
         prefixes = sorted({k.split(".")[0] for k in ignored})
         warnings.warn(
             f"RegionCLIP checkpoint: {len(ignored)} keys not loaded (under {', '.join(prefixes)}; "
-            "offline RPN / mask head / non-persistent buffers)",
+            "offline RPN / non-persistent buffers)",
             stacklevel=2,
         )
-    return RegionCLIPWeights(clip=clip, heads=heads, teacher=teacher, ignored=ignored)
+    return RegionCLIPWeights(
+        clip=clip, heads=heads, teacher=teacher, ignored=ignored, mask_head=mask_head
+    )
+
+
+def _res5_width(config: Any) -> int | None:
+    """Channels of res5 (the mask head's input): 32 x the ResNet stem width; None for a ViT."""
+    if not isinstance(config.vision_layers, (tuple, list)):
+        return None
+    return int(config.vision_width) * 32
 
 
 def _check_width_keys(clip_sd: Mapping[str, Any]) -> None:
@@ -289,6 +405,8 @@ def regionclip_to_state_dict(weights: RegionCLIPWeights) -> dict[str, np.ndarray
             out["lang_encoder." + k] = v
     for k, v in weights.heads.items():
         out[_PREDICTOR + k] = np.asarray(v)
+    for k, v in weights.mask_head.items():
+        out[_MASK_HEAD + k] = np.asarray(v)
     if weights.teacher is not None:
         # Variable paths of a bare visual tower are the CLIP names without the `visual.` prefix.
         for k, v in clip_to_state_dict(weights.teacher).items():
@@ -316,11 +434,15 @@ def save_regionclip(
     dest = save_clip(weights.clip, directory, overwrite=overwrite, source=source)
     if weights.heads:
         np.savez(dest / HEADS_FILE, **{k: np.asarray(v) for k, v in weights.heads.items()})
+    if weights.mask_head:
+        np.savez(dest / MASK_HEAD_FILE, **{k: np.asarray(v) for k, v in weights.mask_head.items()})
     meta_path = dest / METADATA_FILE
     meta = json.loads(meta_path.read_text())
     meta["regionclip"] = {
         "heads_file": HEADS_FILE if weights.heads else None,
         "heads": {k: list(np.shape(v)) for k, v in weights.heads.items()},
+        "mask_head_file": MASK_HEAD_FILE if weights.mask_head else None,
+        "mask_head": {k: list(np.shape(v)) for k, v in weights.mask_head.items()},
         "ignored_keys": len(weights.ignored),
     }
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
@@ -343,4 +465,10 @@ def load_regionclip(directory: str | os.PathLike, **kwargs: Any) -> RegionCLIPWe
         with np.load(path, allow_pickle=False) as z:
             heads = {k: z[k] for k in z.files}
         _check_heads(heads, clip.config.embed_dim)
-    return RegionCLIPWeights(clip=clip, heads=heads)
+    mask_head: dict[str, np.ndarray] = {}
+    path = directory / MASK_HEAD_FILE
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            mask_head = {k: z[k] for k in z.files}
+        _check_mask_head(mask_head, _res5_width(clip.config))
+    return RegionCLIPWeights(clip=clip, heads=heads, mask_head=mask_head)

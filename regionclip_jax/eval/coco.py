@@ -1,7 +1,8 @@
 """COCO box evaluation with pycocotools, plus the open-vocabulary AP50 splits (spec §5.5).
 
-`evaluate_coco` runs one `COCOeval` (bbox) over the ground-truth json and the detections read by
-`results.read_detections`, and reports:
+`evaluate_coco` runs one `COCOeval` (bbox, or segm with the detections' masks) over the
+ground-truth json and the detections read by `results.read_detections` (and `results.read_masks`),
+and reports:
 
   - the 12 standard numbers under plain names, in percent as detectron2 prints them: AP, AP50,
     AP75, APs, APm, APl (maxDets = `max_dets`), AR1, AR10, AR{max_dets} (AR100 by default), ARs,
@@ -19,6 +20,13 @@
     COCO OVD val json every category has ground truth, so the two agree). "all" averages every
     category whose split is not "excluded" (`data.ov_splits.coco_ovd_split` labels the 15 COCO
     classes outside the 65 "excluded"); other split names (any string) get their own AP50/name.
+
+Masks (`iou_type="segm"`): the detections' compressed RLE masks (`eval.masks.paste_masks_rle`)
+are evaluated as pycocotools evaluates detectron2's `instances_to_coco_json` output (results with
+both `bbox` and `segmentation`): mask IoU, and, as `COCO.loadRes` sets it when a result has a
+bbox, the detection's area for the small/medium/large ranges is its box area w * h. The ground
+truth needs `segmentation` on every annotation. Same metric names; callers prefix them (the
+`detect` trainer reports `segm/AP`, `segm/AP50/novel`, ...).
 
 Ground truth: the evaluated categories are those of the json. RegionCLIP evaluates COCO OVD on the
 65-category `ovd_ins_val2017_all.json`; pass that json (or one like it), not the 80-class one, to
@@ -72,14 +80,19 @@ def load_coco(gt: str | os.PathLike | Mapping[str, Any] | COCO) -> COCO:
     return coco
 
 
-def results_coco(gt: COCO, detections: np.ndarray) -> COCO:
+def results_coco(
+    gt: COCO, detections: np.ndarray, masks: Sequence[Mapping[str, Any]] | None = None
+) -> COCO:
     """The results `COCO` that `gt.loadRes` would build, from a `DETECTION_DTYPE` array.
 
-    Same annotation fields and ids (1..K in array order) as `loadRes`, without the box polygon
-    `segmentation` it adds (unused by bbox evaluation; it doubles the memory).
+    Same annotation fields and ids (1..K in array order) as `loadRes` of results with a `bbox`
+    (area = w * h), without the box polygon `segmentation` it adds when a result has none (unused
+    by bbox evaluation; it doubles the memory). With `masks` (one compressed RLE per detection)
+    each annotation's `segmentation` is its mask.
 
     Raises:
-      ValueError: a detection on an image that is not in `gt`.
+      ValueError: a detection on an image that is not in `gt`; masks that do not match the
+        detections or their image's size.
     """
     dets = np.asarray(detections)
     if dets.dtype != DETECTION_DTYPE:
@@ -101,6 +114,17 @@ def results_coco(gt: COCO, detections: np.ndarray) -> COCO:
             zip(*(dets[name].tolist() for name in DETECTION_DTYPE.names))
         )
     ]
+    if masks is not None:
+        if len(masks) != len(anns):
+            raise ValueError(f"{len(masks)} masks for {len(anns)} detections")
+        for ann, m in zip(anns, masks):
+            img = gt.imgs[ann["image_id"]]
+            if [int(v) for v in m["size"]] != [int(img["height"]), int(img["width"])]:
+                raise ValueError(
+                    f"mask of size {list(m['size'])} on image {ann['image_id']} of size "
+                    f"{[img['height'], img['width']]}"
+                )
+            ann["segmentation"] = m
     res = COCO()
     res.dataset = {
         "images": list(gt.dataset["images"]),
@@ -110,6 +134,12 @@ def results_coco(gt: COCO, detections: np.ndarray) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         res.createIndex()
     return res
+
+
+def gt_has_masks(gt: COCO | Mapping[str, Any]) -> bool:
+    """Whether every annotation of the ground truth has a `segmentation` (and there is one)."""
+    anns = gt.dataset["annotations"] if isinstance(gt, COCO) else gt["annotations"]
+    return bool(anns) and all(a.get("segmentation") for a in anns)
 
 
 def default_category_splits(gt: COCO) -> dict[int, str] | None:
@@ -159,8 +189,9 @@ def evaluate_coco(
     iou_type: str = "bbox",
     image_ids: Sequence[int] | np.ndarray | None = None,
     verbose: bool = False,
+    masks: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """COCO bbox metrics and open-vocabulary AP50 splits (percent) of `detections` on `gt`.
+    """COCO bbox or segm metrics and open-vocabulary AP50 splits (percent) of `detections`.
 
     Args:
       gt: COCO instances json (path or dict) or a pycocotools `COCO`.
@@ -170,19 +201,24 @@ def evaluate_coco(
       category_splits: category id -> "base" | "novel" | ... ("excluded": in no split). Default:
         the `split` field of the json categories; no split numbers when there is none.
       max_dets: the last of COCOeval's maxDets (1, 10, max_dets).
-      iou_type: only "bbox" (detections carry boxes, no masks).
+      iou_type: "bbox", or "segm" (mask AP; needs `masks` and GT `segmentation`).
       image_ids: evaluate on these images only (e.g. `results.read_image_ids` after a partial
         pass over the val set); default all images of `gt`.
       verbose: print pycocotools' progress and summary.
+      masks: one compressed RLE dict per detection (`results.read_masks`); required by "segm".
 
     Returns:
       {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", f"AR{max_dets}", "ARs", "ARm",
       "ARl"} and, with splits, {"AP50/base", "AP50/novel", ..., "AP50/all"}. With no detections:
       all zeros and a warning (pycocotools cannot load an empty result list).
     """
-    if iou_type != "bbox":
-        raise NotImplementedError(f"iou_type {iou_type!r}: detections carry boxes only ('bbox')")
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if iou_type == "segm" and masks is None:
+        raise ValueError("iou_type 'segm' needs the detections' masks")
     coco_gt = load_coco(gt)
+    if iou_type == "segm" and not gt_has_masks(coco_gt):
+        raise ValueError("iou_type 'segm': some ground-truth annotations have no segmentation")
     if category_splits is None:
         category_splits = default_category_splits(coco_gt)
     names = metric_names(max_dets)
@@ -194,7 +230,7 @@ def evaluate_coco(
             labels = {s for s in category_splits.values() if s != "excluded"} | {"all"}
             out.update({f"AP50/{s}": 0.0 for s in sorted(labels)})
         return out
-    coco_dt = results_coco(coco_gt, dets)
+    coco_dt = results_coco(coco_gt, dets, masks if iou_type == "segm" else None)
     stdout = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with stdout:
         ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)

@@ -1,4 +1,4 @@
-"""LVIS v1 box evaluation (federated protocol), standalone NumPy.
+"""LVIS v1 box and mask evaluation (federated protocol), standalone NumPy (+ pycocotools mask IoU).
 
 RegionCLIP evaluates LVIS with the `lvis` package (lvis-api 0.5.3) through detectron2's
 `LVISEvaluator` (spec §5.5: box AP, APr/APc/APf, max 300 detections per image, main metric APr).
@@ -29,6 +29,12 @@ Protocol:
      AP50/AP75 at one IoU; APs/APm/APl per area; APr/APc/APf over categories of `frequency`
      r/c/f; AR (AR@max_dets) the mean recall, ARs/ARm/ARl per area.
 
+Masks (`iou_type="segm"`, LVIS mask AP): the same protocol with the IoU of step 3 the mask IoU
+(pycocotools `mask.iou`, as lvis-api's `LVISEval` with iou_type segm) between the detections'
+compressed RLE masks and the GT `segmentation` (polygons or RLE, rasterised as lvis-api's
+`ann_to_rle`). Areas are unchanged: GT area the json `area`, detection area its box w * h (lvis-api's
+`LVISResults` sets `area = w * h` for results that have a `bbox`, as detectron2's do).
+
 Numbers are in percent (detectron2's `LVISEvaluator` multiplies by 100); a metric with no valid
 entry (lvis-api's -1) is nan. Only the per-(image, category) greedy matching loops in Python, over
 pairs that have both GT and detections; everything else is vectorised, and memory grows with the
@@ -41,7 +47,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -162,8 +168,10 @@ def evaluate_lvis(
     max_dets: int = 300,
     *,
     return_arrays: bool = False,
+    iou_type: str = "bbox",
+    masks: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """LVIS box AP of `detections` on `gt` (module docstring for the protocol), in percent.
+    """LVIS box or mask AP of `detections` on `gt` (module docstring for the protocol), percent.
 
     Args:
       gt: LVIS v1 json (path or parsed dict): images with `neg_category_ids` and
@@ -172,6 +180,8 @@ def evaluate_lvis(
       detections: `results.DETECTION_DTYPE` array [K]; boxes xywh in original image pixels,
         LVIS category ids. Detections of categories not in `gt` are dropped.
       max_dets: detections kept per image (top scores over all categories); < 0 keeps all.
+      iou_type: "bbox" or "segm" (mask AP: needs `masks` and GT `segmentation`).
+      masks: one compressed RLE dict per detection (`results.read_masks`), for "segm".
       return_arrays: also return "precision" float[T=10, R=101, K, A=4], "recall" [T, K, A] and
         "cat_ids" [K] (sorted) for per-category analysis.
 
@@ -181,10 +191,19 @@ def evaluate_lvis(
     Raises:
       ValueError: a detection on an image missing from `gt` (as lvis-api).
     """
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    segm = iou_type == "segm"
+    if segm and masks is None:
+        raise ValueError("iou_type 'segm' needs the detections' masks")
     data = _load(gt)
     dets = np.asarray(detections)
     if dets.dtype != DETECTION_DTYPE:
         raise TypeError(f"detections must have DETECTION_DTYPE, got {dets.dtype}")
+    if segm and len(masks) != dets.shape[0]:
+        raise ValueError(f"{len(masks)} masks for {dets.shape[0]} detections")
+    # Detection masks travel with the detections as an index into `masks`.
+    d_mask = np.arange(dets.shape[0])
     if dets.shape[0] == 0:
         warnings.warn("evaluate_lvis: no detections; AP is 0", stacklevel=2)
 
@@ -221,6 +240,17 @@ def evaluate_lvis(
     g_order = np.lexsort((g_img, g_cat))
     g_key = (g_img * num_k + g_cat)[g_order]
     g_box, g_ig = g_box[g_order], g_ig[:, g_order]
+    g_rle: list[Any] = []
+    if segm:
+        from regionclip_jax.eval.masks import segmentation_to_rle
+
+        hw = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in data["images"]}
+        if not all(a.get("segmentation") for a in anns):
+            raise ValueError("iou_type 'segm': some ground-truth annotations have no segmentation")
+        g_rle = [
+            segmentation_to_rle(anns[i]["segmentation"], *hw[int(anns[i]["image_id"])])
+            for i in g_order.tolist()
+        ]
 
     # Detections: known image (checked), known category, top max_dets per image, federated.
     unknown = np.setdiff1d(np.unique(dets["image_id"]), img_ids)
@@ -233,16 +263,18 @@ def evaluate_lvis(
         first = np.searchsorted(sorted_img, sorted_img, side="left")
         keep = np.zeros(dets.shape[0], bool)
         keep[order] = (np.arange(order.shape[0]) - first) < max_dets
-        dets, score = dets[keep], score[keep]
+        dets, score, d_mask = dets[keep], score[keep], d_mask[keep]
     known = np.isin(dets["category_id"], cat_ids)
-    dets, score = dets[known], score[known]
+    dets, score, d_mask = dets[known], score[known], d_mask[known]
     d_key = img_index(dets["image_id"]) * num_k + cat_index(dets["category_id"])
     evaluable = np.isin(d_key, np.unique(np.concatenate([g_key, neg_keys])))
     dets, score, d_key = dets[evaluable], score[evaluable], d_key[evaluable]
+    d_mask = d_mask[evaluable]
     # By (category, image, decreasing score), input order among ties: lvis-api's concatenation
     # order (images ascending, each image's detections score-sorted) before its final sort.
     d_order = np.lexsort((-score, d_key // num_k, d_key % num_k))
     dets, score, d_key = dets[d_order], score[d_order], d_key[d_order]
+    d_mask = d_mask[d_order]
     d_box = np.stack([dets[k].astype(np.float64) for k in "xywh"], axis=1)
     d_area = d_box[:, 2] * d_box[:, 3]
     d_out = (d_area < AREA_RANGES[:, :1]) | (d_area > AREA_RANGES[:, 1:])  # [A, D]
@@ -262,7 +294,15 @@ def evaluate_lvis(
         for key in np.intersect1d(gk, dk):
             g0, g1 = np.searchsorted(gk, [key, key + 1])
             d0, d1 = np.searchsorted(dk, [key, key + 1])
-            ious = box_iou_xywh(d_box[ds + d0 : ds + d1], g_box[gs + g0 : gs + g1])
+            if segm:
+                from regionclip_jax.eval.masks import mask_iou
+
+                ious = mask_iou(
+                    [masks[i] for i in d_mask[ds + d0 : ds + d1].tolist()],
+                    g_rle[gs + g0 : gs + g1],
+                )
+            else:
+                ious = box_iou_xywh(d_box[ds + d0 : ds + d1], g_box[gs + g0 : gs + g1])
             m, to_ig = _match(ious, g_ig[:, gs + g0 : gs + g1])
             matched[..., d0:d1] = m
             ignored[..., d0:d1] = to_ig | (~m & ignored[..., d0:d1])

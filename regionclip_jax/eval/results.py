@@ -20,7 +20,12 @@ Files per process `p` (5-digit zero-padded):
   detections-pPPPPP.bin   packed `DETECTION_DTYPE` records, appended per `add`;
   detections-pPPPPP.json  written by `close`: record count, dtype, image ids file (the marker that
                           the process finished; `read_detections` refuses a file set without it);
-  images-pPPPPP.npy       int64 ids of every image passed to `add` (also images with no detection).
+  images-pPPPPP.npy       int64 ids of every image passed to `add` (also images with no detection);
+  masks-pPPPPP.txt        only for a writer made with `masks=True`: one line per record, in record
+                          order, "H W COUNTS" = the detection's compressed COCO RLE (`eval.masks`;
+                          RLE counts use the characters '0'..'o', never a space or newline).
+                          The marker's "masks" field says whether the file set has one (files
+                          written before masks existed have no field: no masks).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import glob
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +63,32 @@ def _paths(directory: str, process_index: int) -> tuple[str, str, str]:
         os.path.join(directory, f"detections-{stem}.json"),
         os.path.join(directory, f"images-{stem}.npy"),
     )
+
+
+def _masks_path(directory: str, process_index: int) -> str:
+    return os.path.join(directory, f"masks-p{process_index:05d}.txt")
+
+
+def _rle_line(rle: Any) -> str:
+    if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+        raise ValueError(f"a mask must be a compressed RLE dict with size and counts, got {rle!r}")
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    if not isinstance(counts, str) or any(c.isspace() for c in counts):
+        raise ValueError("mask counts must be a compressed RLE string (pycocotools mask.encode)")
+    h, w = (int(v) for v in rle["size"])
+    return f"{h} {w} {counts}\n"
+
+
+def _valid_entries(
+    image_ids: np.ndarray, shape: tuple[int, int], valid: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.ones(shape, bool) if valid is None else np.asarray(valid, bool).copy()
+    if keep.shape != shape:
+        raise ValueError(f"valid must be {list(shape)}, got {keep.shape}")
+    keep &= (np.asarray(image_ids).astype(np.int64).reshape(-1) >= 0)[:, None]
+    return np.nonzero(keep)
 
 
 def pack_detections(
@@ -91,11 +123,7 @@ def pack_detections(
         raise ValueError(
             f"scores {scores.shape} and category_ids {category_ids.shape} must be [{b}, {n}]"
         )
-    keep = np.ones((b, n), bool) if valid is None else np.asarray(valid, bool).copy()
-    if keep.shape != (b, n):
-        raise ValueError(f"valid must be [{b}, {n}], got {keep.shape}")
-    keep &= (image_ids >= 0)[:, None]
-    rows, cols = np.nonzero(keep)
+    rows, cols = _valid_entries(image_ids, (b, n), valid)
     bx = boxes[rows, cols]
     out = np.empty(rows.shape[0], DETECTION_DTYPE)
     out["image_id"] = image_ids[rows]
@@ -119,18 +147,27 @@ class DetectionWriter:
       dets = read_detections(workdir)
 
     Host memory: O(number of images) for the duplicate check, independent of detections.
+
+    With `masks=True` every `add` also takes the detections' masks (compressed RLE dicts,
+    `eval.masks.paste_masks_rle`), written as text lines beside the records; read them back with
+    `read_masks`.
     """
 
-    def __init__(self, directory: str | os.PathLike, process_index: int = 0):
+    def __init__(
+        self, directory: str | os.PathLike, process_index: int = 0, *, masks: bool = False
+    ):
         self.directory = os.fspath(directory)
         self.process_index = int(process_index)
+        self.masks = bool(masks)
         os.makedirs(self.directory, exist_ok=True)
         self._bin, self._meta, self._images = _paths(self.directory, self.process_index)
+        mask_path = _masks_path(self.directory, self.process_index)
         # A stale marker from an earlier run would make a half-written file look complete.
-        for path in (self._meta, self._images):
+        for path in (self._meta, self._images, mask_path):
             if os.path.exists(path):
                 os.remove(path)
         self._file = open(self._bin, "wb")
+        self._mask_file = open(mask_path, "w", encoding="ascii") if self.masks else None
         self._image_ids: set[int] = set()
         self.num_detections = 0
 
@@ -141,14 +178,27 @@ class DetectionWriter:
         scores: np.ndarray,
         category_ids: np.ndarray,
         valid: np.ndarray | None = None,
+        masks: Sequence[Sequence[Any]] | None = None,
     ) -> int:
         """Appends one batch (arguments as in `pack_detections`); returns detections written.
 
+        Args:
+          masks: for a writer with `masks=True` (required there, refused otherwise): `masks[b][n]`
+            the RLE dict (`{"size": [H, W], "counts": str}`) of detection n of row b; entries of
+            invalid detections and padding rows are not read (may be None).
+
         Raises:
-          ValueError: an image id already added by this writer (double counting).
+          ValueError: an image id already added by this writer (double counting); a missing or
+            malformed mask of a valid detection.
         """
         if self._file is None:
             raise RuntimeError("DetectionWriter is closed")
+        if (masks is not None) != self.masks:
+            raise ValueError(
+                "this DetectionWriter stores masks: pass masks= to add"
+                if self.masks
+                else "masks given to a DetectionWriter made without masks=True"
+            )
         ids = [int(i) for i in np.asarray(image_ids).reshape(-1) if i >= 0]
         dup = sorted(self._image_ids.intersection(ids) | {i for i in ids if ids.count(i) > 1})
         if dup:
@@ -157,6 +207,10 @@ class DetectionWriter:
                 "mark padded or repeated images with image_id = -1"
             )
         records = pack_detections(image_ids, boxes, scores, category_ids, valid)
+        if self._mask_file is not None:
+            rows, cols = _valid_entries(image_ids, np.asarray(boxes).shape[:2], valid)
+            lines = [_rle_line(masks[r][c]) for r, c in zip(rows.tolist(), cols.tolist())]
+            self._mask_file.write("".join(lines))
         self._file.write(records.tobytes())
         self._image_ids.update(ids)
         self.num_detections += records.shape[0]
@@ -168,6 +222,9 @@ class DetectionWriter:
             return
         self._file.close()
         self._file = None
+        if self._mask_file is not None:
+            self._mask_file.close()
+            self._mask_file = None
         np.save(self._images, np.array(sorted(self._image_ids), np.int64))
         meta = {
             "format_version": _FORMAT_VERSION,
@@ -175,6 +232,7 @@ class DetectionWriter:
             "num_detections": self.num_detections,
             "num_images": len(self._image_ids),
             "dtype": DETECTION_DTYPE.descr,
+            "masks": self.masks,
         }
         tmp = self._meta + ".tmp"
         with open(tmp, "w") as f:
@@ -251,6 +309,50 @@ def read_detections(directory: str | os.PathLike, *, check: bool = True) -> np.n
     return np.concatenate(parts)
 
 
+def has_masks(directory: str | os.PathLike) -> bool:
+    """Whether the file set in `directory` was written with masks (every process, or none).
+
+    Raises:
+      RuntimeError: some processes wrote masks and others did not.
+    """
+    directory = os.fspath(directory)
+    flags = set()
+    for p in _process_indices(directory):
+        with open(_paths(directory, p)[1]) as f:
+            flags.add(bool(json.load(f).get("masks", False)))
+    if len(flags) > 1:
+        raise RuntimeError(f"{directory}: some processes wrote masks and others did not")
+    return flags == {True}
+
+
+def read_masks(directory: str | os.PathLike) -> list[dict[str, Any]] | None:
+    """The detections' masks, aligned with `read_detections(directory)`; None without masks.
+
+    Returns:
+      one compressed RLE dict `{"size": [H, W], "counts": str}` per detection, or None when the
+      file set was written without masks (also files from before masks existed).
+
+    Raises:
+      RuntimeError: a process's mask file does not have one line per record.
+    """
+    directory = os.fspath(directory)
+    if not has_masks(directory):
+        return None
+    out: list[dict[str, Any]] = []
+    for p in _process_indices(directory):
+        with open(_paths(directory, p)[1]) as f:
+            expected = json.load(f)["num_detections"]
+        path = _masks_path(directory, p)
+        n0 = len(out)
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                h, w, counts = line.rstrip("\n").split(" ")
+                out.append({"size": [int(h), int(w)], "counts": counts})
+        if len(out) - n0 != expected:
+            raise RuntimeError(f"{path}: {len(out) - n0} masks, marker says {expected} records")
+    return out
+
+
 def detections_from_coco_results(results: list[dict[str, Any]]) -> np.ndarray:
     """COCO results list (`image_id`, `category_id`, `bbox` xywh, `score`) -> `DETECTION_DTYPE`."""
     out = np.zeros((len(results),), DETECTION_DTYPE)
@@ -264,19 +366,33 @@ def detections_from_coco_results(results: list[dict[str, Any]]) -> np.ndarray:
     return out
 
 
-def to_coco_results(dets: np.ndarray) -> list[dict[str, Any]]:
-    """`DETECTION_DTYPE` array -> COCO results list (python floats of the float32 values)."""
+def to_coco_results(
+    dets: np.ndarray, masks: Sequence[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """`DETECTION_DTYPE` array -> COCO results list (python floats of the float32 values).
+
+    With `masks` (one RLE dict per detection, `read_masks`), each result also has
+    `segmentation` (detectron2's `instances_to_coco_json` writes both bbox and segmentation).
+    """
     ids = dets["image_id"].tolist()
     cats = dets["category_id"].tolist()
     xywh = np.stack([dets["x"], dets["y"], dets["w"], dets["h"]], axis=1).tolist()
     scores = dets["score"].tolist()
-    return [
+    out = [
         {"image_id": i, "category_id": c, "bbox": b, "score": s}
         for i, c, b, s in zip(ids, cats, xywh, scores)
     ]
+    if masks is not None:
+        if len(masks) != len(out):
+            raise ValueError(f"{len(masks)} masks for {len(out)} detections")
+        for r, m in zip(out, masks):
+            r["segmentation"] = m
+    return out
 
 
-def to_coco_json(dets: np.ndarray, path: str | os.PathLike) -> None:
+def to_coco_json(
+    dets: np.ndarray, path: str | os.PathLike, masks: Sequence[dict[str, Any]] | None = None
+) -> None:
     """Writes the standard COCO results json (a list of dicts) that `COCO.loadRes` reads."""
     with open(path, "w") as f:
-        json.dump(to_coco_results(dets), f)
+        json.dump(to_coco_results(dets, masks), f)

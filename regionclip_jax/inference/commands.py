@@ -23,6 +23,11 @@ ends with exit 2 naming the failed images, the results of the others kept.
 
 boxes.json: absolute xyxy pixels of the original image, either a list `[[x1, y1, x2, y2], ...]`,
 `{"boxes": [...]}`, or, for several images, `{"<file name or path>": [[...], ...], ...}`.
+
+Instance masks: with a checkpoint that has a mask head (a released LVIS model converted with
+`convert-regionclip`), every detection of `classify` carries `"mask"`, its instance mask in the
+original image as compressed COCO RLE (`{"size": [H, W], "counts": str}`, pycocotools
+`mask.decode` reads it), and `--vis` pictures show the masks; `--no-masks` turns them off.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ def _load_model(args):
     return RegionCLIP.from_checkpoint(
         args.checkpoint,
         rpn=rpn,
+        masks=not getattr(args, "no_masks", False),
         min_size=getattr(args, "min_size", 800),
         max_size=getattr(args, "max_size", 1333),
         cache_dir=cache,
@@ -268,6 +274,12 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-thresh", type=float, default=0.001)
     p.add_argument("--nms-thresh", type=float, default=0.5)
     p.add_argument("--max-dets", type=int, default=100)
+    p.add_argument(
+        "--no-masks",
+        action="store_true",
+        help="no instance masks even if the checkpoint has a mask head (default: a checkpoint "
+        "with one writes each detection's mask as RLE and draws it in --vis)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -393,8 +405,6 @@ def run_classify(args: argparse.Namespace) -> int:
 def _classify_images(args, model, images, boxes, words, names, vis_dir, results: _Results):
     from tqdm.auto import tqdm
 
-    from regionclip_jax.inference.recognizer import Detections, postprocess
-
     bar = tqdm(
         images,
         desc="classify",
@@ -404,10 +414,16 @@ def _classify_images(args, model, images, boxes, words, names, vis_dir, results:
     )
     for img in bar:
         try:
-            if boxes is None:  # proposal mode
-                scores = model.classify_proposals(img, words)
-            else:
-                scores = model.classify_regions(img, boxes[img], words, clip_boxes=args.clip_boxes)
+            # Proposal mode without boxes; masks when the checkpoint has a mask head.
+            dets, scores = model.detect_with_scores(
+                img,
+                words,
+                None if boxes is None else boxes[img],
+                score_thresh=args.score_thresh,
+                nms_thresh=args.nms_thresh,
+                max_detections=args.max_dets,
+                clip_boxes=args.clip_boxes,
+            )
         except (OSError, ValueError) as e:  # an unreadable image or invalid boxes
             reason = _reason(e)
             results.fail(img, reason)
@@ -415,15 +431,6 @@ def _classify_images(args, model, images, boxes, words, names, vis_dir, results:
             if args.on_error == "stop":
                 break
             continue
-        b, s, k = postprocess(
-            scores.boxes,
-            scores.probs,
-            scores.image_hw,
-            score_thresh=args.score_thresh,
-            nms_thresh=args.nms_thresh,
-            max_detections=args.max_dets,
-        )
-        dets = Detections(b, s, k, names)
         results.add(
             {
                 "image": img,
@@ -474,9 +481,10 @@ def run_convert_regionclip(args: argparse.Namespace) -> int:
     )
     dest = save_regionclip(w, args.output, overwrite=args.overwrite, source=args.input)
     heads = ", ".join(f"{k} {list(v.shape)}" for k, v in w.heads.items()) or "none"
+    mask = f"deconv {list(w.mask_head['deconv.weight'].shape)}" if w.mask_head else "none"
     print(
-        f"wrote {dest} (embed dim {w.clip.config.embed_dim}; predictor: {heads}; "
-        f"{len(w.ignored)} offline-RPN / mask-head keys not converted)"
+        f"wrote {dest} (embed dim {w.clip.config.embed_dim}; predictor: {heads}; mask head: "
+        f"{mask}; {len(w.ignored)} offline-RPN / buffer keys not converted)"
     )
     return 0
 

@@ -23,9 +23,20 @@ classified and post-processed exactly as in GT mode. The optional RPN-score fusi
 defaults: pre-NMS top-k per level of the kind (C4 / CLIP 6000, FPN 1000), post-NMS top-k 1000,
 NMS 0.9 (`OFFLINE_RPN_NMS_THRESH` of the zero-shot configs; detectron2's own default is 0.7).
 
+Instance masks (checkpoints with a mask head, e.g. the released LVIS models converted with
+`convert-regionclip`; spec §2.4): `detect` runs the class-agnostic `MaskHead` on the final
+(post-NMS) boxes as detectron2's `forward_with_given_boxes`: the boxes in canvas pixels,
+RoIAlign(P, 1/16, sampling_ratio 0, aligned) on the same res4 map the boxes were classified with
+(computed once per image and kept on the device), res5, deconv 2x2 s2 -> ReLU -> 1x1, sigmoid:
+`[N, P, P]` probabilities, pasted into the original image at the boxes in original pixels
+(`eval.masks.paste_masks_rle`, detectron2's `paste_masks_in_image`, bilinear, threshold 0.5) and
+returned as compressed RLE (`Detections.masks`). Without a mask head (or with `masks=False`)
+nothing of this runs and the results are those of the plain recognizer.
+
 Execution: one jitted program per (batch, canvas, box bucket): boxes are padded to a power of two
 (`preprocess.bucket_size`) and canvases come in two orientation buckets, so a folder of images
-compiles at most a handful of times; the RPN compiles once per canvas shape.
+compiles at most a handful of times; the RPN compiles once per canvas shape; the mask program
+once per (canvas, detection bucket).
 """
 
 from __future__ import annotations
@@ -122,28 +133,35 @@ class Detections:
       scores: float32 `[N]`.
       labels: int32 `[N]` indices into `names`.
       names: the class names.
+      masks: N compressed COCO RLE dicts (`{"size": [H, W], "counts": str}`, original image
+        size; `eval.masks.paste_masks_rle`) when the model has a mask head (`RegionCLIP.detect`
+        of a checkpoint with `roi_heads.mask_head.*`), else None (then `to_dict` has no "mask").
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
     names: list[str]
+    masks: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "classes": list(self.names),
-            "detections": [
-                {
-                    "box": [round(float(v), 2) for v in b],
-                    "label": self.names[int(k)],
-                    "score": float(s),
-                }
-                for b, s, k in zip(self.boxes, self.scores, self.labels)
-            ],
-        }
+        dets = [
+            {
+                "box": [round(float(v), 2) for v in b],
+                "label": self.names[int(k)],
+                "score": float(s),
+            }
+            for b, s, k in zip(self.boxes, self.scores, self.labels)
+        ]
+        if self.masks is not None:  # without a mask head the output is unchanged
+            if len(self.masks) != len(dets):
+                raise ValueError(f"{len(self.masks)} masks for {len(dets)} detections")
+            for d, m in zip(dets, self.masks):
+                d["mask"] = {"size": list(m["size"]), "counts": m["counts"]}
+        return {"classes": list(self.names), "detections": dets}
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -219,11 +237,13 @@ class RegionCLIP:
         default (C4 / CLIP res4 6000, FPN 1000).
       rpn_post_nms_topk: proposals kept after the RPN's NMS (1000).
       rpn_nms_thresh: the RPN's NMS IoU (0.9: `OFFLINE_RPN_NMS_THRESH` of the zero-shot configs).
+      mask_head: a `models.detector.MaskHead` over this tower's res5 (ResNet towers only); then
+        `detect` returns instance masks (module docstring). None: no masks.
 
     Raises:
       FileNotFoundError: nothing at `rpn`, or a directory without rpn.json.
       ValueError: `rpn` is a file that is not a detectron2 RPN checkpoint, or weights that do not
-        fit its rpn.json.
+        fit its rpn.json; a mask head with a ViT tower or of another res5 width.
     """
 
     def __init__(
@@ -242,6 +262,7 @@ class RegionCLIP:
         rpn_pre_nms_topk: int | None = None,
         rpn_post_nms_topk: int = 1000,
         rpn_nms_thresh: float = 0.9,
+        mask_head: Any = None,
     ):
         self.clip = clip
         self.heads = dict(heads or {})
@@ -264,10 +285,48 @@ class RegionCLIP:
 
         self._features_fn = features
         self._encode_text_fn = encode_text
+        self.mask_head = mask_head
+        if mask_head is not None:
+            self._init_mask_head(enc_def, mask_head)
         self.rpn_path = None if rpn is None else os.fspath(rpn)
         self.rpn_spec: dict[str, Any] | None = None
         if rpn is not None:
             self._load_rpn(self.rpn_path, rpn_pre_nms_topk, rpn_post_nms_topk, rpn_nms_thresh)
+
+    def _init_mask_head(self, enc_def: Any, mask_head: Any) -> None:
+        """The jitted programs of the mask path (module docstring)."""
+        if not self.encoder.is_resnet:
+            raise ValueError("a mask head needs a ResNet image tower (res5 feature maps)")
+        want = int(self.clip.visual.width) * 32
+        have = int(mask_head.deconv_kernel[...].shape[2])
+        if have != want:
+            raise ValueError(f"the mask head reads {have} channels, this tower's res5 has {want}")
+        head_def, self._mask_state = nnx.split(mask_head)
+
+        @jax.jit
+        def features_and_map(state, images, boxes):
+            # The feature map is returned (it stays on the device) for the mask head of the
+            # final boxes; the region features are `features`' computation.
+            enc = nnx.merge(enc_def, state)
+            fmap = enc.feature_map(images)
+            return enc.pool(fmap, boxes).astype(jnp.float32), fmap
+
+        @jax.jit
+        def mask_probs(state, head_state, fmap, boxes):
+            # fmap [1, H, W, C] res4 of one canvas, boxes [N, 4] canvas xyxy -> [N, P, P].
+            from regionclip_jax.ops import roi_align
+
+            enc = nnx.merge(enc_def, state)
+            p, n = enc.pooler_resolution, boxes.shape[0]
+            crops = roi_align(
+                fmap, boxes[None].astype(jnp.float32), (p, p), 1.0 / enc.stride, 0, True
+            )
+            res5 = enc.visual.res5(crops.reshape(n, p, p, fmap.shape[-1]).astype(fmap.dtype))
+            logits = nnx.merge(head_def, head_state)(res5)
+            return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+        self._features_and_map_fn = features_and_map
+        self._mask_probs_fn = mask_probs
 
     def _load_rpn(
         self, path: str, pre_nms_topk: int | None, post_nms_topk: int, nms_thresh: float
@@ -286,21 +345,43 @@ class RegionCLIP:
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | os.PathLike, rpn: str | os.PathLike | None = None, **kwargs: Any
+        cls,
+        directory: str | os.PathLike,
+        rpn: str | os.PathLike | None = None,
+        *,
+        masks: bool = True,
+        **kwargs: Any,
     ) -> RegionCLIP:
         """Loads a converted RegionCLIP checkpoint (`save_regionclip`) or a converted CLIP one
         (`regionclip-jax convert`; plain CLIP applied to regions, the paper's baseline).
 
-        `rpn` (an `rpn` workdir, its export/ dir or a detectron2 RPN .pth) enables proposal mode;
-        other keyword options as `RegionCLIP`.
+        `rpn` (an `rpn` workdir, its export/ dir or a detectron2 RPN .pth) enables proposal mode.
+        A checkpoint with a mask head (`regionclip_mask_head.npz`: the released LVIS models) gets
+        it as a `MaskHead` (the res5 width of the tower, the checkpoint's deconv width), so that
+        `detect` returns masks; `masks=False` leaves it out. Other keyword options as
+        `RegionCLIP`.
         """
-        from regionclip_jax.convert.regionclip import load_regionclip
+        from regionclip_jax.convert.regionclip import load_mask_head, load_regionclip
 
         if rpn is not None:  # before the (possibly large) checkpoint is read
             from regionclip_jax.train.rpn_trainer import check_rpn_path
 
             check_rpn_path(rpn)
         weights = load_regionclip(directory)
+        if masks and weights.mask_head:
+            from regionclip_jax.models.detector import MaskHead
+
+            visual = weights.clip.visual
+            if "mask_head" in kwargs:
+                raise TypeError("give mask_head= or a checkpoint with a mask head, not both")
+            head = MaskHead(
+                int(visual.width) * 32,
+                int(np.shape(weights.mask_head["deconv.weight"])[1]),
+                dtype=visual.dtype,
+                rngs=nnx.Rngs(0),
+            )
+            load_mask_head(head, weights.mask_head)
+            kwargs["mask_head"] = head
         return cls(
             weights.clip,
             heads=weights.heads,
@@ -313,6 +394,11 @@ class RegionCLIP:
     def has_rpn(self) -> bool:
         """Whether an offline RPN is loaded (proposal mode available)."""
         return self.rpn_spec is not None
+
+    @property
+    def has_mask_head(self) -> bool:
+        """Whether `detect` returns instance masks (a mask head is loaded)."""
+        return self.mask_head is not None
 
     @property
     def embed_dim(self) -> int:
@@ -430,14 +516,69 @@ class RegionCLIP:
         names: list[str],
         emb: np.ndarray,
         objectness: np.ndarray | None = None,
-    ) -> RegionScores:
-        """Classifies `boxes` (float32 `[R, 4]` original pixels) against `emb` (`[K, D]`)."""
-        feats = self.region_features(prepared.image[None], prepared.to_canvas(boxes)[None])[0]
+        *,
+        keep_map: bool = False,
+    ) -> tuple[RegionScores, Any]:
+        """Classifies `boxes` (float32 `[R, 4]` original pixels) against `emb` (`[K, D]`).
+
+        Returns:
+          (scores, the image's feature map `[1, Hc/16, Wc/16, C]` on the device with `keep_map`
+          (for the mask head; needs one), else None).
+        """
+        canvas_boxes = prepared.to_canvas(boxes)[None]
+        fmap = None
+        if keep_map:
+            feats, fmap = self._features_and_map(prepared.image[None], canvas_boxes)
+        else:
+            feats = self.region_features(prepared.image[None], canvas_boxes)[0]
         logits = logits_with_background(jnp.asarray(feats), jnp.asarray(emb), self.temperature)
         probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-        return RegionScores(
+        scores = RegionScores(
             boxes, probs[:, :-1], probs[:, -1], names, prepared.original_hw, objectness
         )
+        return scores, fmap
+
+    def _features_and_map(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, Any]:
+        """`region_features` of one image (`[1, Hc, Wc, 3]`, boxes `[1, R, 4]` canvas pixels) and
+        its feature map (a device array), in one program (mask path)."""
+        r = boxes.shape[1]
+        size = bucket_size(max(r, 1))
+        if self.box_chunk:
+            size = -(-size // self.box_chunk) * self.box_chunk
+        padded = np.zeros((1, size, 4), np.float32)
+        padded[:, :r] = boxes
+        feats, fmap = self._features_and_map_fn(
+            self._enc_state, jnp.asarray(image, jnp.float32), jnp.asarray(padded)
+        )
+        return np.asarray(feats)[0, :r], fmap
+
+    def mask_probabilities(self, fmap: Any, canvas_boxes: np.ndarray) -> np.ndarray:
+        """The mask head's probabilities of boxes of one image.
+
+        Args:
+          fmap: the image's feature map `[1, Hc/16, Wc/16, C]` (`RegionEncoder.feature_map` of
+            its canvas).
+          canvas_boxes: float `[N, 4]` xyxy in canvas pixels.
+
+        Returns:
+          float32 `[N, P, P]` sigmoid of the mask logits (P: the pooler resolution).
+
+        Raises:
+          ValueError: no mask head loaded.
+        """
+        if self.mask_head is None:
+            raise ValueError(
+                "this model has no mask head (a checkpoint without roi_heads.mask_head)"
+            )
+        canvas_boxes = np.asarray(canvas_boxes, np.float32).reshape(-1, 4)
+        n = len(canvas_boxes)
+        p = self.encoder.pooler_resolution
+        if n == 0:
+            return np.zeros((0, p, p), np.float32)
+        padded = np.zeros((bucket_size(n), 4), np.float32)  # one compile per detection bucket
+        padded[:n] = canvas_boxes
+        out = self._mask_probs_fn(self._enc_state, self._mask_state, fmap, jnp.asarray(padded))
+        return np.asarray(out)[:n]
 
     def classify_regions(
         self,
@@ -460,7 +601,7 @@ class RegionCLIP:
         """
         names, emb = self.class_embeddings(vocabulary, exemplars, templates=templates)
         prepared, b = self.prepare(image, boxes, clip_boxes=clip_boxes)
-        return self._scores(prepared, b, names, emb)
+        return self._scores(prepared, b, names, emb)[0]
 
     # ------------------------------------------------------------------------- proposal mode
 
@@ -524,7 +665,7 @@ class RegionCLIP:
         names, emb = self.class_embeddings(vocabulary, exemplars, templates=templates)
         prepared, _ = self.prepare(image)
         boxes, objectness = self._proposals(prepared)
-        return self._scores(prepared, boxes, names, emb, objectness)
+        return self._scores(prepared, boxes, names, emb, objectness)[0]
 
     def detect(
         self,
@@ -538,31 +679,60 @@ class RegionCLIP:
         max_detections: int = 100,
         templates: Sequence[str] = TEMPLATES,
         clip_boxes: bool = False,
+        masks: bool = True,
     ) -> Detections:
         """Detections (spec §6.1; COCO zero-shot defaults: score 0.001, NMS 0.5, 100 detections;
         LVIS uses 0.0001 and 300).
 
         With `boxes` (`[R, 4]` xyxy original pixels): GT / user-box mode. Without: proposal mode,
         the loaded offline RPN's proposals are the boxes (no box deltas, no RPN-score fusion),
-        post-processed the same way.
+        post-processed the same way. With a mask head (and `masks`), each detection gets its
+        instance mask (`Detections.masks`, module docstring).
 
         Raises:
           ValueError: `boxes` is None and no RPN is loaded (pass `rpn=` to `from_checkpoint`), or
             bad inputs.
         """
+        return self.detect_with_scores(
+            image,
+            vocabulary,
+            boxes,
+            exemplars=exemplars,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            max_detections=max_detections,
+            templates=templates,
+            clip_boxes=clip_boxes,
+            masks=masks,
+        )[0]
+
+    def detect_with_scores(
+        self,
+        image: str | os.PathLike | np.ndarray,
+        vocabulary: str | Sequence[str] | None,
+        boxes=None,
+        *,
+        exemplars: Mapping[str, np.ndarray] | None = None,
+        score_thresh: float = 0.001,
+        nms_thresh: float = 0.5,
+        max_detections: int = 100,
+        templates: Sequence[str] = TEMPLATES,
+        clip_boxes: bool = False,
+        masks: bool = True,
+    ) -> tuple[Detections, RegionScores]:
+        """`detect`, also returning the `RegionScores` of every box before post-processing (what
+        `classify_regions` / `classify_proposals` return), from the same single pass."""
         if boxes is None:
-            scores = self.classify_proposals(
-                image, vocabulary, exemplars=exemplars, templates=templates
-            )
+            self._require_rpn()
+        names, emb = self.class_embeddings(vocabulary, exemplars, templates=templates)
+        with_masks = bool(masks) and self.mask_head is not None
+        if boxes is None:
+            prepared, _ = self.prepare(image)
+            b, objectness = self._proposals(prepared)
         else:
-            scores = self.classify_regions(
-                image,
-                boxes,
-                vocabulary,
-                exemplars=exemplars,
-                templates=templates,
-                clip_boxes=clip_boxes,
-            )
+            prepared, b = self.prepare(image, boxes, clip_boxes=clip_boxes)
+            objectness = None
+        scores, fmap = self._scores(prepared, b, names, emb, objectness, keep_map=with_masks)
         out_boxes, out_scores, labels = postprocess(
             scores.boxes,
             scores.probs,
@@ -571,4 +741,10 @@ class RegionCLIP:
             nms_thresh=nms_thresh,
             max_detections=max_detections,
         )
-        return Detections(out_boxes, out_scores, labels, scores.names)
+        rles = None
+        if with_masks:
+            from regionclip_jax.eval.masks import paste_masks_rle
+
+            probs = self.mask_probabilities(fmap, prepared.to_canvas(out_boxes))
+            rles = paste_masks_rle(probs, out_boxes, prepared.original_hw)
+        return Detections(out_boxes, out_scores, labels, scores.names, rles), scores

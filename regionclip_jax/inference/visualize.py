@@ -31,8 +31,10 @@ def draw_boxes(
     class_ids: Sequence[int] | None = None,
     out: str | os.PathLike | None = None,
     width: int | None = None,
+    masks: Sequence | np.ndarray | None = None,
+    mask_alpha: float = 0.45,
 ):
-    """Draws boxes with "label score" captions.
+    """Draws boxes with "label score" captions (and instance masks, semi-transparent).
 
     Args:
       image: uint8 `[H, W, 3]` RGB (original image).
@@ -41,19 +43,26 @@ def draw_boxes(
       class_ids: N ints choosing the colour (default: by label).
       out: if given, the PNG path to write.
       width: line width (default scales with the image size).
+      masks: N instance masks drawn under the boxes in the box colour at `mask_alpha`
+        opacity: compressed COCO RLE dicts (`Detections.masks`) or bool `[N, H, W]`.
 
     Returns:
       the `PIL.Image.Image`.
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    im = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
-    draw = ImageDraw.Draw(im)
-    width = width or max(1, round(max(im.size) / 400))
-    font = ImageFont.load_default()
     if class_ids is None:
         order = {n: i for i, n in enumerate(dict.fromkeys(labels))}
         class_ids = [order[n] for n in labels]
+    rgb = np.asarray(image, np.uint8)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    if masks is not None and len(masks):
+        rgb = _blend_masks(rgb[..., :3], masks, class_ids, mask_alpha)
+    im = Image.fromarray(rgb).convert("RGB")
+    draw = ImageDraw.Draw(im)
+    width = width or max(1, round(max(im.size) / 400))
+    font = ImageFont.load_default()
     for i, box in enumerate(np.asarray(boxes, np.float64).reshape(-1, 4)):
         colour = _COLOURS[int(class_ids[i]) % len(_COLOURS)]
         x1, y1, x2, y2 = (float(v) for v in box)
@@ -68,8 +77,26 @@ def draw_boxes(
     return im
 
 
+def _blend_masks(
+    rgb: np.ndarray, masks: Sequence | np.ndarray, class_ids: Sequence[int], alpha: float
+) -> np.ndarray:
+    """`rgb` with each mask painted in its class colour at opacity `alpha` (later masks on top)."""
+    out = rgb.astype(np.float32)
+    for i, m in enumerate(masks):
+        if isinstance(m, dict):
+            from regionclip_jax.eval.masks import decode_rle
+
+            m = decode_rle(m)
+        m = np.asarray(m, bool)
+        if m.shape != rgb.shape[:2]:
+            raise ValueError(f"mask {i} has shape {m.shape}, the image {rgb.shape[:2]}")
+        colour = np.asarray(_COLOURS[int(class_ids[i]) % len(_COLOURS)], np.float32)
+        out[m] = (1.0 - alpha) * out[m] + alpha * colour
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def draw_detections(image: np.ndarray, detections, *, out=None):
-    """`draw_boxes` for a `recognizer.Detections`."""
+    """`draw_boxes` for a `recognizer.Detections` (with its masks, if it has any)."""
     labels = [detections.names[int(k)] for k in detections.labels]
     return draw_boxes(
         image,
@@ -78,4 +105,5 @@ def draw_detections(image: np.ndarray, detections, *, out=None):
         detections.scores,
         class_ids=[int(k) for k in detections.labels],
         out=out,
+        masks=getattr(detections, "masks", None),
     )

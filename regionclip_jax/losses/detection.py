@@ -176,3 +176,34 @@ def box_regression_loss(
         )
     total = jnp.sum(jnp.where(fg[:, None], per, 0.0))
     return total / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
+
+
+def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Elementwise `F.binary_cross_entropy_with_logits` (stable form, float32)."""
+    z = logits.astype(jnp.float32)
+    return jnp.maximum(z, 0.0) - z * targets.astype(jnp.float32) + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+
+def mask_rcnn_loss(mask_logits: jax.Array, targets: jax.Array, fg: jax.Array) -> jax.Array:
+    """detectron2 `mask_rcnn_loss`, class-agnostic (`CLS_AGNOSTIC_MASK`, RegionCLIP's LVIS head).
+
+    loss = mean over the pixels of every RoI with `fg` of BCE-with-logits(logit, target), i.e.
+    `F.binary_cross_entropy_with_logits(logits[fg], targets[fg], reduction="mean")`: each RoI
+    weighs M·M pixels, the total is divided by N_fg·M·M. detectron2 returns `logits.sum() * 0`
+    when no RoI has a mask; so does this (0, zero gradient).
+
+    In detectron2 the foreground RoIs are exactly those given to the mask head; here `fg` is the
+    set of foreground sampled RoIs whose matched GT carries a mask (instances without one are
+    left out of the mean, rather than trained towards an empty mask).
+
+    Args:
+      mask_logits: `[..., M, M]` predicted logits, any float dtype (computed in float32).
+      targets: `[..., M, M]` in {0, 1} (`BitMasks.crop_and_resize` / box-filled).
+      fg: `[...]` bool, the RoIs that enter the loss.
+    Returns:
+      scalar float32.
+    """
+    m2 = mask_logits.shape[-1] * mask_logits.shape[-2]
+    fg = fg.astype(bool)
+    per = jnp.where(fg[..., None, None], bce_with_logits(mask_logits, targets), 0.0)
+    return jnp.sum(per) / jnp.maximum(jnp.sum(fg.astype(jnp.float32)) * m2, 1.0)

@@ -24,11 +24,26 @@ validity mask). Images without GT get only background RoIs, as in detectron2.
 Deviations, all documented where they occur:
   - GT boxes that are empty (zero width/height) or non-finite are ignored, as are such proposals;
     detectron2's data mapper removes empty GT before the model sees them.
-  - Mask head targets: our shards carry boxes, not polygons. `gt_masks=None` uses box-filled
-    masks, rasterised analytically (an M x M target pixel is 1 iff its centre lies inside the
-    matched GT box; detectron2 rasterises the box polygon with pycocotools, which can differ on
-    boundary pixels). With `gt_masks [B, G, Hm, Wm]` bitmaps the targets are detectron2's
-    `BitMasks.crop_and_resize`: RoIAlign(M, scale, sampling 0, aligned) >= 0.5.
+  - Mask targets (detectron2 `mask_rcnn_loss`, class-agnostic; M = 2 x the res5 side = the
+    pooler resolution: 14 for RN50, 18 for RN50x4, as the original). Our shards carry each
+    instance's mask as a bitmap (COCO/LVIS polygons and RLE decoded with pycocotools,
+    ShapesWorld's rasterised shapes), and the pipeline yields them at `mask_scale` of the canvas
+    (`gt_masks [B, G, Hm, Wm]`, `mask_valid [B, G]`). The targets are detectron2's
+    `BitMasks.crop_and_resize`: RoIAlign(M x M, spatial scale `mask_scale`, sampling_ratio 0,
+    aligned=True) of the matched GT bitmap, >= 0.5 (`bitmap_mask_targets`). detectron2 crops
+    bitmasks held at image resolution; ours lose detail below 1 / `mask_scale` canvas pixels
+    (the pipeline's approximation, `data.detection_pipeline`). For COCO/LVIS polygons
+    detectron2 instead uses `PolygonMasks.crop_and_resize`: the polygon, shifted to the RoI and
+    scaled by M / (box side), rasterised by pycocotools straight onto the M x M grid. The two
+    rules agree inside the shape and differ on its boundary: on circles, triangles and squares
+    12-50 px across in jittered RoIs, M = 14 (tests/test_mask_head.py), 1.3% (circles) and
+    2.0% (triangles, squares) of the target pixels differ, all within one target pixel of the
+    polygon's edge. Foreground RoIs whose GT has no mask (`mask_valid` False) are left out
+    of the mask loss.
+    Fallback, explicit: with `gt_masks=None` (a batch without masks: a pipeline built without
+    `mask_scale`) the targets are box-filled, `box_filled_mask_targets` (a target pixel is 1
+    iff its centre lies inside the matched GT box), and the head learns rectangles. (In a
+    pipeline with masks, records without them have `mask_valid` False: no mask loss.)
   - The deconvolution is written as an einsum with PyTorch `ConvTranspose2d(k=2, s=2)` semantics
     (2x2 windows do not overlap, so each output pixel sees one tap): `kernel[a, b, c, o]` =
     torch `weight[c, o, a, b]`.
@@ -48,6 +63,7 @@ from regionclip_jax.losses.detection import (
     SCALE_CLAMP,
     box_regression_loss,
     fast_rcnn_classification_loss,
+    mask_rcnn_loss,
 )
 from regionclip_jax.models.layers import Dtype, linear
 from regionclip_jax.models.region import RegionEncoder, box_mask
@@ -160,11 +176,6 @@ def bitmap_mask_targets(
         True,
     )
     return (pooled.reshape(b, f, size, size) >= 0.5).astype(jnp.float32)
-
-
-def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Elementwise `F.binary_cross_entropy_with_logits` (stable form)."""
-    return jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
 def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -348,6 +359,7 @@ class OVDFastRCNN(RegionEncoder):
         focal_gamma: float | None = None,
         freeze_at: int = 2,
         gt_masks: jax.Array | None = None,
+        mask_valid: jax.Array | None = None,
         mask_scale: float = 1.0,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Fast R-CNN losses of one batch (spec §5.2-§5.4; loss weights 1).
@@ -364,8 +376,11 @@ class OVDFastRCNN(RegionEncoder):
           rois_per_image, positive_fraction, iou_threshold: detectron2's 512, 0.25, 0.5.
           bg_weight, focal_gamma: overrides of the mode's defaults (None: default).
           freeze_at: stages without gradient (2: stem + layer1).
-          gt_masks: optional `[B, G, Hm, Wm]` GT bitmaps for the mask loss (mask head only;
-            None: box-filled masks).
+          gt_masks: optional `[B, G, Hm, Wm]` GT bitmaps, values {0, 1} (any numeric dtype),
+            aligned with `gt_boxes`, at `mask_scale` of the canvas (mask head only). None: the
+            documented box-filled fallback (module docstring).
+          mask_valid: optional bool `[B, G]`: False for instances without a mask (their
+            foreground RoIs get no mask loss). None: every GT with `gt_masks` has one.
           mask_scale: mask pixels per canvas pixel of `gt_masks`.
 
         Returns:
@@ -408,7 +423,7 @@ class OVDFastRCNN(RegionEncoder):
         metrics = {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 
         if res5 is not None:
-            loss_mask = self._mask_loss(res5, s, gt_masks, mask_scale, b, num_mask)
+            loss_mask = self._mask_loss(res5, s, gt_masks, mask_valid, mask_scale, b, num_mask)
             loss = loss + loss_mask
             metrics["loss_mask"] = loss_mask
 
@@ -426,20 +441,22 @@ class OVDFastRCNN(RegionEncoder):
         )
         return loss, metrics
 
-    def _mask_loss(self, res5, s, gt_masks, mask_scale, b, num_mask) -> jax.Array:
-        """Mean per-pixel BCE over the fg RoIs (detectron2 `mask_rcnn_loss`, class-agnostic)."""
+    def _mask_loss(self, res5, s, gt_masks, mask_valid, mask_scale, b, num_mask) -> jax.Array:
+        """detectron2 `mask_rcnn_loss` (class-agnostic BCE, mean over the pixels of the fg RoIs)
+        against the module docstring's targets (bitmaps, or the box-filled fallback)."""
         logits = self.mask_head(res5)
         m = logits.shape[-1]
         logits = logits.reshape(b, num_mask, m, m)
         rois = s["boxes"][:, :num_mask]
-        if gt_masks is None:
+        gt_index = s["gt_index"][:, :num_mask]
+        fg = s["is_fg"][:, :num_mask]
+        if gt_masks is None:  # the box-filled fallback
             targets = box_filled_mask_targets(rois, s["gt_boxes"][:, :num_mask], m)
         else:
-            matched = _take(gt_masks, s["gt_index"][:, :num_mask])
-            targets = bitmap_mask_targets(matched, rois, m, mask_scale)
-        fg = s["is_fg"][:, :num_mask]
-        per = jnp.where(fg[..., None, None], _bce_with_logits(logits, targets), 0.0)
-        return jnp.sum(per) / jnp.maximum(jnp.sum(fg.astype(jnp.float32)) * m * m, 1.0)
+            targets = bitmap_mask_targets(_take(gt_masks, gt_index), rois, m, mask_scale)
+            if mask_valid is not None:
+                fg = fg & _take(mask_valid.astype(bool), gt_index)
+        return mask_rcnn_loss(logits, jax.lax.stop_gradient(targets), fg)
 
     # ------------------------------------------------------------------------------ inference
 

@@ -135,13 +135,20 @@ class DetectionTask:
         )
 
     def batch_spec(self, global_batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        # With `detect.mask_on` the pipeline yields the instance masks (`training_dataset`):
+        # `gt_masks` at `detect.mask_scale` of the canvas and `mask_valid`.
+        mask_on = bool(self.t.mask_on)
         spec = detection_batch_spec(
             batch_size=global_batch,
             canvas=self.canvas,
             max_boxes=int(self.t.max_boxes),
             normalize=False,
+            mask_scale=float(self.t.mask_scale) if mask_on else None,
         )
-        return {k: spec[k] for k in ("images", "image_hw", "boxes", "box_mask", "labels")}
+        keys = ["images", "image_hw", "boxes", "box_mask", "labels"]
+        if mask_on:
+            keys += ["gt_masks", "mask_valid"]
+        return {k: spec[k] for k in keys}
 
     def loss(self, model: DetectionModel, batch, rng, step):
         del step
@@ -149,6 +156,18 @@ class DetectionTask:
         proposals, _, valid = self.proposals(model, batch)
         images = clip_normalize(batch["images"], image_hw).astype(self.dtype)
         t = self.t
+        # Instance masks (`gt_masks [B, R, Hm, Wm]` at `detect.mask_scale` of the canvas,
+        # `mask_valid [B, R]`): the targets are detectron2's `BitMasks.crop_and_resize` of them;
+        # instances without a mask (mask_valid False) get no mask loss. Explicit fallback: a
+        # batch without `gt_masks` (a pipeline built without `mask_scale`) trains the mask head
+        # on box-filled targets (`models.detector`, module docstring).
+        masks = {}
+        if t.mask_on and "gt_masks" in batch:
+            masks = dict(
+                gt_masks=batch["gt_masks"],
+                mask_valid=batch.get("mask_valid"),
+                mask_scale=float(t.mask_scale),
+            )
         loss, metrics = model.detector.training_losses(
             images,
             image_hw,
@@ -165,6 +184,7 @@ class DetectionTask:
             bg_weight=None if float(t.bg_weight) < 0 else float(t.bg_weight),
             focal_gamma=None if float(t.focal_gamma) < 0 else float(t.focal_gamma),
             freeze_at=int(t.freeze_at),
+            **masks,
         )
         metrics["num_proposals"] = jnp.mean(jnp.sum(valid.astype(jnp.float32), axis=1))
         return loss, metrics
@@ -172,8 +192,14 @@ class DetectionTask:
     # -- initial weights -------------------------------------------------------------------------
 
     def load_init_weights(self) -> None:
-        """Reads `model.init` (image tower + class embeddings) and the RPN, outside any mesh."""
-        from regionclip_jax.convert.checkpoint import load_clip
+        """Reads `model.init` (image tower + class embeddings) and the RPN, outside any mesh.
+
+        With `detect.mask_on`, a `model.init` converted from a RegionCLIP checkpoint with a mask
+        head (`convert-regionclip` of a released LVIS model: `regionclip_mask_head.npz`) also
+        initialises the mask head (`convert.regionclip.load_mask_head`); without one the mask
+        head keeps its random init (detectron2's). Both cases print one line.
+        """
+        from regionclip_jax.convert.regionclip import load_regionclip
         from regionclip_jax.train import rpn_trainer
 
         t = self.t
@@ -184,9 +210,13 @@ class DetectionTask:
             print("model.init is empty: random weights and a random text tower", flush=True)
             clip = CLIP(self.clip_config, rngs=nnx.Rngs(int(self.config.seed)))
         else:
-            clip = load_clip(str(self.config.model.init), dtype=self.dtype)
+            init = str(self.config.model.init)
+            weights = load_regionclip(init, dtype=self.dtype)  # a CLIP directory loads as well
+            clip = weights.clip
             _, params, rest = state_lib.split_model(clip.visual)
             self.init_weights["visual"] = (params, rest)
+            if t.mask_on:
+                self._load_init_mask_head(init, weights.mask_head)
         self.init_weights["train_embeddings"] = class_embeddings(
             str(t.train_embeddings), clip, self.data.train_names, str(t.templates), "train"
         )
@@ -196,6 +226,30 @@ class DetectionTask:
         if self.rpn_spec is not None:
             self.init_weights["rpn"] = rpn_trainer.load_rpn_weights(self.rpn_spec)
 
+    def _load_init_mask_head(self, init: str, arrays: dict[str, np.ndarray]) -> None:
+        if not arrays:
+            print(
+                f"model.init {init} has no mask head (roi_heads.mask_head.*): the mask head "
+                "starts from its random init",
+                flush=True,
+            )
+            return
+        from regionclip_jax.convert.regionclip import load_mask_head
+        from regionclip_jax.models.detector import MaskHead
+
+        # The detector's head (`build_model`: OVDFastRCNN's mask_conv_dim, detectron2's 256):
+        # `load_mask_head` checks every shape against it, naming the key.
+        head = MaskHead(int(self.clip_config.vision_width) * 32, 256, rngs=nnx.Rngs(0))
+        load_mask_head(head, arrays)
+        _, params, _ = state_lib.split_model(head)
+        self.init_weights["mask_head"] = params
+        print(
+            f"mask head loaded from model.init {init} (deconv "
+            f"{list(np.shape(arrays['deconv.weight']))}, predictor "
+            f"{list(np.shape(arrays['predictor.weight']))})",
+            flush=True,
+        )
+
     def initialize(self, graphdef: Any, state: dict[str, Any]) -> dict[str, Any]:
         params, rest = state["params"], state["rest"]
         if "visual" in self.init_weights:
@@ -203,6 +257,11 @@ class DetectionTask:
             where = str(self.config.model.init)
             params["detector"]["visual"] = state_lib.like(params["detector"]["visual"], vp, where)
             rest["detector"]["visual"] = state_lib.like(rest["detector"]["visual"], vr, where)
+        if "mask_head" in self.init_weights:
+            where = f"{self.config.model.init} (mask head)"
+            params["detector"]["mask_head"] = state_lib.like(
+                params["detector"]["mask_head"], self.init_weights["mask_head"], where
+            )
         for key in ("train_embeddings", "test_embeddings"):
             emb = self.init_weights[key]
             have = rest["detector"][key].shape
@@ -264,7 +323,17 @@ def whole_on_one_device(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_predict_fn(task: DetectionTask, graphdef: Any):
-    """jitted `(params, rest, batch) -> detections` of the evaluation (class indices 0..K_test-1)."""
+    """jitted `(params, rest, batch) -> detections` of the evaluation (class indices 0..K_test-1).
+
+    With a mask head (`detect.mask_on`) the detections also carry `mask_probs [B, topk, M, M]`
+    float32: the sigmoid of the mask head on the res5 features of the final (post-NMS, top-k)
+    boxes, as detectron2's `forward_with_given_boxes` (RoIAlign on res4 -> res5 -> mask head;
+    zeros on padding slots). The feature map is requested again from the trunk
+    (`OVDFastRCNN.predict` does not return it): the identical computation inside one jit,
+    which XLA's common-subexpression elimination merges (checked on CPU with a tiny detector:
+    the compiled FLOPs are those of one trunk pass; a trunk on different input adds one
+    trunk's FLOPs). A `predict` that returned its feature map would make that explicit.
+    """
     from regionclip_jax.eval.postprocess import detections_from_scores
 
     t = task.t
@@ -288,7 +357,7 @@ def make_predict_fn(task: DetectionTask, graphdef: Any):
             valid,
             apply_deltas=bool(t.apply_deltas) and t.proposals != "gt",
         )
-        return detections_from_scores(
+        out = detections_from_scores(
             probs.astype(jnp.float32),
             pred_boxes.astype(jnp.float32),
             valid,
@@ -300,6 +369,17 @@ def make_predict_fn(task: DetectionTask, graphdef: Any):
             topk=int(t.topk),
             max_candidates=int(t.max_candidates),
         )
+        det = model.detector
+        if getattr(det, "mask_head", None) is not None:
+            b, n = out["boxes"].shape[:2]
+            # res5 of the final boxes (the attnpool output `_pool_with_res5` also returns is
+            # unused here and removed by XLA).
+            _, res5 = det._pool_with_res5(det.feature_map(images), out["boxes"], n)
+            logits = det.mask_head(res5)
+            m = logits.shape[-1]
+            mask_probs = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(b, n, m, m)
+            out["mask_probs"] = jnp.where(out["valid"][..., None, None], mask_probs, 0.0)
+        return out
 
     return predict
 
@@ -311,11 +391,19 @@ def evaluate(
 
     Runs on this process's local devices (the state is gathered to the host once); every
     process takes a disjoint slice of the images and streams its detections to `out_dir`.
+
+    With a mask head (`detect.mask_on`) each kept detection's mask probabilities are pasted
+    into its original image at its rescaled box (`eval.masks.paste_masks_rle`, detectron2's
+    `paste_masks_in_image`, threshold 0.5), streamed as compressed RLE beside the detections,
+    and the mask metrics are reported beside the box metrics under `segm/` (`segm/AP`,
+    `segm/AP50/novel`, ... for COCO; `segm/APr`, `segm/APc`, `segm/APf`, ... for LVIS) when
+    every ground-truth annotation has a `segmentation` (else box metrics only, with a note).
     """
     from regionclip_jax.data.pipeline import ShardSource
     from regionclip_jax.data.shards import open_shards
+    from regionclip_jax.eval.masks import paste_masks_rle
     from regionclip_jax.eval.postprocess import rescale_to_original
-    from regionclip_jax.eval.results import DetectionWriter, read_detections
+    from regionclip_jax.eval.results import DetectionWriter, read_detections, read_masks
     from regionclip_jax.ops.boxes import nonempty
 
     t, data = task.t, task.data
@@ -334,7 +422,8 @@ def evaluate(
     )
     test_ids = np.asarray(data.test_ids, np.int64)
     os.makedirs(out_dir, exist_ok=True)
-    writer = DetectionWriter(out_dir, process_index=jax.process_index())
+    with_masks = bool(t.mask_on)
+    writer = DetectionWriter(out_dir, process_index=jax.process_index(), masks=with_masks)
     total = len(source) // jax.process_count() if not limit else min(limit, len(source))
     seen, t0 = 0, time.perf_counter()
     keys = ("images", "image_hw", "boxes", "box_mask")
@@ -348,12 +437,27 @@ def evaluate(
             cls = np.asarray(out["classes"][:n])
             # detector_postprocess drops boxes left empty by the rescale.
             keep = np.asarray(out["valid"][:n]) & np.asarray(nonempty(jnp.asarray(boxes)))
+            boxes = np.asarray(boxes)
+            masks = None
+            if with_masks:  # one image at a time: at most one full-size mask in memory
+                orig_hw = np.asarray(batch["orig_hw"][:n])
+                masks = []
+                for i in range(n):
+                    idx = np.flatnonzero(keep[i])
+                    rles = paste_masks_rle(
+                        np.asarray(out["mask_probs"][i])[idx], boxes[i][idx], tuple(orig_hw[i])
+                    )
+                    row: list[Any] = [None] * keep.shape[1]
+                    for j, rle in zip(idx.tolist(), rles):
+                        row[j] = rle
+                    masks.append(row)
             writer.add(
                 image_ids[np.asarray(batch["source_index"][:n])],
-                np.asarray(boxes),
+                boxes,
                 np.asarray(out["scores"][:n]),
                 test_ids[np.clip(cls, 0, len(test_ids) - 1)],
                 keep,
+                masks=masks,
             )
             seen += n
             if seen % max(bs * 25, 1) < bs or seen >= total:
@@ -363,24 +467,44 @@ def evaluate(
     detection_data._barrier("detections_written")
     if jax.process_index() != 0:
         return {}
+    from regionclip_jax.eval.coco import gt_has_masks
+
     dets = read_detections(out_dir)
-    if t.task == "lvis":
-        from regionclip_jax.eval.lvis import evaluate_lvis
+    det_masks = read_masks(out_dir)
+    with open(data.val_json) as f:
+        gt = json.load(f)
+    iou_types = ["bbox"]
+    if det_masks is not None:
+        if gt_has_masks(gt):
+            iou_types.append("segm")
+        else:
+            print(f"{data.val_json}: annotations without segmentation: no mask AP", flush=True)
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        prefix = "" if iou_type == "bbox" else "segm/"
+        segm_masks = det_masks if iou_type == "segm" else None
+        if t.task == "lvis":
+            from regionclip_jax.eval.lvis import evaluate_lvis
 
-        metrics = evaluate_lvis(data.val_json, dets, max_dets=int(t.topk))
-    else:
-        from regionclip_jax.eval.coco import evaluate_coco
+            m = evaluate_lvis(gt, dets, max_dets=int(t.topk), iou_type=iou_type, masks=segm_masks)
+        else:
+            from regionclip_jax.eval.coco import evaluate_coco, load_coco
 
-        restrict = None
-        if limit:
-            restrict = sorted({int(i) for i in dets["image_id"]})
-        metrics = evaluate_coco(
-            data.val_json,
-            dets,
-            category_splits=data.splits(),
-            max_dets=int(t.topk),
-            image_ids=restrict,
-        )
+            if iou_type == "bbox":
+                gt = load_coco(gt)
+            restrict = None
+            if limit:
+                restrict = sorted({int(i) for i in dets["image_id"]})
+            m = evaluate_coco(
+                gt,
+                dets,
+                category_splits=data.splits(),
+                max_dets=int(t.topk),
+                image_ids=restrict,
+                iou_type=iou_type,
+                masks=segm_masks,
+            )
+        metrics.update({prefix + k: v for k, v in m.items()})
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     return metrics
