@@ -223,6 +223,8 @@ def test_rpn_and_detection_modes_with_two_processes_match_one(tmp_path):
         cfg = load_config_module(name).get_config(f"runlocal,data={data}")
         cfg.unlock()
         apply_changes(cfg, {"data.batch_size": 4, "async_checkpointing": False})
+        if mode == "rpn":  # parameters sharded across the processes: the export gathers them
+            cfg.mesh = {"data": -1, "fsdp": 2}
         cfg.debug.print_memory = False
         if mode == "detect":
             cfg.detect.rpn_init = str(runs["rpn"])

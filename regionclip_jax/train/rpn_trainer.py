@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from regionclip_jax import parallel
 from regionclip_jax.data.detection_pipeline import detection_batch_spec
 from regionclip_jax.train import config_validation, detection_data, optim
 from regionclip_jax.train import loop as loop_lib
@@ -397,7 +398,6 @@ def proposal_recall(
     task: RPNTask, graphdef: Any, state: dict[str, Any], *, top_n: int = 100, iou: float = 0.5
 ) -> dict[str, float]:
     """Recall of the top-`top_n` proposals at IoU >= `iou` on the evaluation set, per split."""
-    from regionclip_jax import parallel
     from regionclip_jax.data.pipeline import ShardSource
     from regionclip_jax.data.shards import open_shards
     from regionclip_jax.ops.boxes import pairwise_iou
@@ -459,8 +459,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     result = loop_lib.train(config, workdir, task, **kwargs)
     if result.preempted or result.step < int(config.total_steps):
         return result
+    # Collective (every process takes part: parameters may be sharded across processes).
+    host = parallel.gather_to_host({"params": result.state["params"], "rest": result.state["rest"]})
     if jax.process_index() == 0:
-        host = jax.device_get(result.state)
         export_rpn(
             task.spec,
             host["params"]["rpn"],
