@@ -18,6 +18,17 @@ test with RPN-score fusion sqrt(p x objectness logit), score threshold 0.02, sof
 detections; metrics AP, APr (headline), APc, APf.
 Other batches: lr = 0.002 x batch / 16, steps x 16 / batch.
 
+Masks: the original's LVIS detectors are Mask R-CNN models (MASK_ON): the class-agnostic mask head
+trains on the GT masks that `make-shards detection` keeps from the LVIS polygons (at
+`detect.mask_scale` 0.25 of the canvas: a documented approximation of detectron2's full-resolution
+bitmaps, docs/data.md), and evaluation prints LVIS mask AP (`segm/AP`, `segm/APr`, `segm/APc`,
+`segm/APf`) beside box AP. The paper reports box APr / APc / APf / AP (RN50x4: 22.0 / 32.1 / 36.9 /
+32.3) and mask AP in its Table 2 (values not in spec §8.1). With a released LVIS checkpoint
+converted by `regionclip-jax convert-regionclip` (its mask head is converted and loaded when
+mask_on), `--config.detect.eval_only=True` evaluates it; the released `bbox_pred` is not loaded
+into the detector yet (the trainer starts box regression from scratch), so eval-only box and mask
+AP of the released weights are without their box refinement.
+
 Variants: runlocal, batch=N, init=DIR, rpn=PATH, root=DIR (as configs/ovd_coco_rn50.py).
 """
 
