@@ -120,3 +120,25 @@ def test_no_box_of_a_training_class(tmp_path):
         detection_data.check_training_boxes(
             ShardSource(open_shards(data.train)), data.train_category_map(), data.train
         )
+
+
+def test_mask_on_without_masks_in_the_data_is_refused(tmp_path):
+    from regionclip_jax.data.pipeline import ShardSource
+    from regionclip_jax.data.shards import open_shards
+
+    # No `segmentation` in the json: the shards carry no masks, and mask_on would train nothing.
+    path = _write_dataset(tmp_path / "plain")
+    data = detection_data.prepare(_config(path), str(tmp_path / "w1"))
+    with pytest.raises(AnnotationError, match="mask_on is set but no training record carries"):
+        detection_data.check_training_masks(ShardSource(open_shards(data.train)), data.train)
+
+    # The same json with a polygon on one training box: that record counts.
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [5, 5, 20, 10], "iscrowd": 0,
+         "segmentation": [[5, 5, 25, 5, 25, 15, 5, 15]]},
+        {"id": 3, "image_id": 12, "category_id": 3, "bbox": [0, 0, 10, 10], "iscrowd": 0},
+    ]  # fmt: skip
+    path = _write_dataset(tmp_path / "seg", annotations=anns)
+    data = detection_data.prepare(_config(path), str(tmp_path / "w2"))
+    n = detection_data.check_training_masks(ShardSource(open_shards(data.train)), data.train)
+    assert n == 1

@@ -229,6 +229,41 @@ def check_training_boxes(source: Any, category_map: Mapping[int, int], where: st
     return n
 
 
+def _has_masks_fast(data: bytes) -> bool:
+    """Whether an encoded record has at least one instance mask, without decoding its image."""
+    import msgpack
+
+    up = msgpack.Unpacker(io.BytesIO(data), raw=False)
+    for _ in range(up.read_map_header()):
+        key = up.unpack()
+        if key == "masks":
+            masks = up.unpack()  # nil, or one RLE map (or nil: no usable mask) per box
+            return masks is not None and any(m is not None for m in masks)
+        up.skip()
+    return False
+
+
+def check_training_masks(source: Any, where: str) -> int:
+    """Number of training records that carry instance masks; raises when none does.
+
+    With `detect.mask_on` and no mask in the data the mask head would get no loss at all (every
+    instance `mask_valid` False): shards written before masks existed, or converted from a json
+    without `segmentation`. That is refused before training, naming the data and the way out.
+    """
+    n = 0
+    for i in range(len(source)):
+        _, data = source[i]
+        n += data is not None and _has_masks_fast(data)
+    if n == 0:
+        raise AnnotationError(
+            f"{where}: detect.mask_on is set but no training record carries instance masks "
+            "(the annotations have no `segmentation`, or the shards / ShapesWorld data were made "
+            "before masks existed: regenerate them), so the mask head would learn nothing; "
+            "convert a json with segmentations or set detect.mask_on=False"
+        )
+    return n
+
+
 def _record_id_fast(data: bytes) -> str | None:
     import msgpack
 

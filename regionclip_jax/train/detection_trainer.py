@@ -546,6 +546,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
             ShardSource(open_shards(data.train)), data.train_category_map(), str(data.train)
         )
         print(f"training images with boxes of the train classes: {n}", flush=True)
+        if config.detect.mask_on:
+            m = detection_data.check_training_masks(
+                ShardSource(open_shards(data.train)), str(data.train)
+            )
+            print(f"training images with instance masks: {m}", flush=True)
     if not loop_lib.has_checkpoint(workdir):
         task.load_init_weights()
     kwargs["keep_state"] = True
