@@ -8,29 +8,18 @@ equals pycocotools' COCOeval(segm) run directly on the streamed detections and m
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from test_detection_trainer import _config
 
 from regionclip_jax.eval import results
 from regionclip_jax.train import detection_trainer
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _config(name: str, arg: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
 
 def test_zero_shot_with_mask_head_reports_mask_ap(tmp_path):
     cfg = _config("zeroshot_coco", "proposals=gt,runlocal")

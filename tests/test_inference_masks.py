@@ -22,17 +22,9 @@ from pycocotools import mask as mask_utils
 
 from regionclip_jax.inference import RegionCLIP
 from regionclip_jax.inference.commands import main
+from regionclip_jax.inference.notebook import TINY_CONFIG
 
-TINY = dict(
-    embed_dim=32,
-    image_resolution=64,
-    vision_layers=(1, 1, 1, 1),
-    vision_width=16,
-    vision_patch_size=None,
-    transformer_width=64,
-    transformer_heads=1,
-    transformer_layers=1,
-)
+TINY = dict(TINY_CONFIG, embed_dim=32)
 SIZES = dict(min_size=64, max_size=96)
 SIZE_ARGS = ["--min-size", "64", "--max-size", "96"]
 WORDS = ["cat", "dog"]
