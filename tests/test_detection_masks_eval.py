@@ -21,6 +21,7 @@ from test_detection_trainer import _config
 from regionclip_jax.eval import results
 from regionclip_jax.train import detection_trainer
 
+
 def test_zero_shot_with_mask_head_reports_mask_ap(tmp_path):
     cfg = _config("zeroshot_coco", "proposals=gt,runlocal")
     with cfg.unlocked():
