@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runlocal", action="store_true")
     args = parser.parse_args(argv)
 
+    from regionclip_jax import config as config_lib
     from regionclip_jax import parallel
-    from regionclip_jax.train import config_validation, loop, throughput
+    from regionclip_jax.train import loop, throughput
     from regionclip_jax.train import state as state_lib
     from regionclip_jax.train.pretrain_trainer import PretrainTask
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.runlocal:
         config.model.init, config.model.preset = "", args.preset
     config.mesh = {"data": -1}
-    config_validation.validate(config, n, jax.process_count())
+    config_lib.validate(config, n, jax.process_count())
     concepts = [f"concept{i}" for i in range(args.num_concepts if not args.runlocal else 5)]
     task = PretrainTask(config, concepts)
     mesh = parallel.mesh_from_config(config)

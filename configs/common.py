@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from regionclip_jax.train.config_validation import base_config
+from regionclip_jax.config import base_config
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -35,7 +35,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def training_config(mode: str) -> ml_collections.ConfigDict:
-    """The full schema with defaults (regionclip_jax.train.config_validation) for `mode`."""
+    """The full schema with defaults (regionclip_jax.config.schema) for `mode`."""
     c = base_config()
     c.mode = mode
     return c

@@ -61,14 +61,15 @@ def compile_for(config, topology: str, num_concepts: int, mfu: float) -> dict:
     import jax
     from jax.experimental import topologies
 
+    from regionclip_jax import config as config_lib
     from regionclip_jax import parallel
-    from regionclip_jax.train import config_validation, loop, throughput
+    from regionclip_jax.train import loop, throughput
 
     generation = topology.split(":")[0]
     topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     devices = list(topo.devices)
     hosts = len({d.process_index for d in devices})
-    config_validation.validate(config, len(devices), hosts)
+    config_lib.validate(config, len(devices), hosts)
     mesh = parallel.make_mesh(dict(config.mesh or {"data": -1}), devices)
     rules = parallel.rules_from_config(config)
     program = loop.build_step(config, _task(config, num_concepts), mesh, rules)

@@ -219,7 +219,7 @@ def _shapesworld(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# make-shards, concepts, add-proposals
+# make-shards, concepts
 
 
 def _make_shards_arguments(p: argparse.ArgumentParser) -> None:
@@ -256,25 +256,9 @@ def _concepts(args: argparse.Namespace) -> int:
     return concepts_command(args)
 
 
-def _add_proposals_arguments(p: argparse.ArgumentParser) -> None:
-    from regionclip_jax.data.commands import add_add_proposals_arguments
-
-    add_add_proposals_arguments(p)
-
-
-@command(
-    "add-proposals",
-    help="precompute an offline RPN's proposals into a copy of the shards (for pretraining)",
-    arguments=_add_proposals_arguments,
-)
-def _add_proposals(args: argparse.Namespace) -> int:
-    from regionclip_jax.data.commands import add_proposals_command
-
-    return add_proposals_command(args)
-
-
 # ---------------------------------------------------------------------------------------------
-# zero-shot region recognition: embed-text, region-features, classify, convert-regionclip
+# zero-shot region recognition: embed-text, region-features, classify, convert-regionclip,
+# add-proposals
 
 
 def _register_inference_commands() -> None:
@@ -305,6 +289,12 @@ def _register_inference_commands() -> None:
             "convert a RegionCLIP detectron2 .pth into a regionclip_jax checkpoint",
             inference.add_convert_regionclip_arguments,
             inference.run_convert_regionclip,
+        ),
+        (
+            "add-proposals",
+            "precompute an offline RPN's proposals into a copy of the shards (for pretraining)",
+            inference.add_add_proposals_arguments,
+            inference.run_add_proposals,
         ),
     ):
         command(name, help=help_text, arguments=add_arguments)(run)

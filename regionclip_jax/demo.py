@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from regionclip_jax.models import split as split_lib
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -133,8 +135,8 @@ def run(
 
     from regionclip_jax.convert.checkpoint import load_clip
     from regionclip_jax.data import shapesworld
-    from regionclip_jax.train import clip_trainer, pretrain_trainer, region_eval
-    from regionclip_jax.train import state as state_lib
+    from regionclip_jax.eval import regions as region_eval
+    from regionclip_jax.train import clip_trainer, pretrain_trainer
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +172,7 @@ def run(
         "3/6 zero-shot region recognition on held-out scenes (ground-truth boxes)", timings
     ):
         teacher = load_clip(teacher_ckpt)
-        model = state_lib.merge(result.graphdef, result.state["params"], result.state["rest"])
+        model = split_lib.merge(result.graphdef, result.state["params"], result.state["rest"])
         names = list(shapesworld.SHAPES)
         class_emb = pretrain_trainer.concept_embeddings(teacher, names, "ensemble")
         cats = json.load(open(os.path.join(scenes, "shapesworld.json")))["categories"]

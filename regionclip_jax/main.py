@@ -70,8 +70,9 @@ def main(argv: list[str]) -> None:
 
     import jax
 
+    from regionclip_jax import config as config_lib
     from regionclip_jax import parallel
-    from regionclip_jax.train import checkpointing, config_validation, loop
+    from regionclip_jax.train import checkpointing, loop
 
     try:
         how = parallel.initialize_distributed(
@@ -97,7 +98,7 @@ def main(argv: list[str]) -> None:
     try:
         # Every config error at once, before any data generation or compilation (the trainers
         # validate again after filling in data paths; validation is cheap and has no effects).
-        config_validation.validate(config, jax.device_count(), jax.process_count())
+        config_lib.validate(config, jax.device_count(), jax.process_count())
         if mode == "clip":
             from regionclip_jax.train import clip_trainer
 
@@ -115,10 +116,10 @@ def main(argv: list[str]) -> None:
 
             result = rpn_trainer.run(config, _WORKDIR.value)
         else:
-            raise config_validation.ConfigError(
-                f"config.mode: unknown mode {mode!r}; valid: {config_validation.MODES}"
+            raise config_lib.ConfigError(
+                f"config.mode: unknown mode {mode!r}; valid: {config_lib.MODES}"
             )
-    except config_validation.ConfigError as e:
+    except config_lib.ConfigError as e:
         print(e, file=sys.stderr, flush=True)  # "invalid config (N errors):" + one line each
         sys.exit(_EXIT_INVALID_CONFIG)
     except loop.NonFiniteError as e:

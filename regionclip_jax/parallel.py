@@ -399,3 +399,11 @@ def process_batch_block(sharding: NamedSharding, shape: Sequence[int]) -> tuple[
             f"{count} equal contiguous blocks (check the mesh's device order)"
         )
     return first // size, count
+
+
+def whole_on_one_device(state: dict[str, Any]) -> dict[str, Any]:
+    """params + rest of a (possibly sharded) train state, whole on the first local device, once
+    (a jitted evaluation fed host arrays would copy them at every call)."""
+
+    whole = gather_to_host({"params": state["params"], "rest": state["rest"]})
+    return jax.device_put(whole, jax.local_devices()[0])

@@ -1,8 +1,8 @@
-"""Offline RPN proposals precomputed into the shards (`data.proposals.add_proposals`, spec §4.6).
+"""Offline RPN proposals precomputed into the shards (`inference.proposals.add_proposals`, spec §4.6).
 
 Input: tiny ShapesWorld records (64 x 64) mixed with a landscape and a portrait image (two canvas
 buckets), one record with stale proposals and one truncated PNG; a tiny CLIP-res4 RPN exported
-with `rpn_trainer.export_rpn`. Checks:
+with `convert.rpn.export_rpn`. Checks:
   - every other field of every record is unchanged (image bytes included), order and ids kept,
     the truncated image skipped with a reason in the manifest;
   - the stored proposals equal the RPN module (the in-memory object whose weights were exported)
@@ -24,10 +24,10 @@ from PIL import Image
 from tiny_rpn import export_random_clip_rpn
 
 from regionclip_jax import cli
-from regionclip_jax.data import proposals as proposals_lib
-from regionclip_jax.data.proposals import add_proposals
 from regionclip_jax.data.schema import sanitize_record
 from regionclip_jax.data.shards import ShardReader, ShardWriter, load_manifest
+from regionclip_jax.inference import proposals as proposals_lib
+from regionclip_jax.inference.proposals import add_proposals
 
 SETTINGS = dict(min_size=64, max_size=96, topk=40, pre_nms_topk=200, nms_thresh=0.5)
 # Resized (h, w) by the shortest-edge rule with min 64 / max 96, worked out by hand, and the

@@ -12,8 +12,9 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from regionclip_jax.train import config_validation, loop
-from regionclip_jax.train.config_validation import ConfigError, validate
+from regionclip_jax import config as config_lib
+from regionclip_jax.config import ConfigError, validate
+from regionclip_jax.train import loop
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [
@@ -200,7 +201,7 @@ def test_command_line_override_of_unknown_key_fails_naming_it(tmp_path):
 
 def test_schema_matches_validation():
     # Every key of the schema validates (no key the validator forgets to allow).
-    cfg = config_validation.base_config()
+    cfg = config_lib.base_config()
     cfg.data.train = "/nonexistent"
     cfg.model.overrides = ml_collections.ConfigDict(
         _load("common").tiny_clip_model(resolution=128, context_length=77)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from regionclip_jax import config as config_lib
+from regionclip_jax.data import inputs
 from regionclip_jax.data.convert_detection import AnnotationError
-from regionclip_jax.train import config_validation, detection_data
 
 
 def _write_dataset(root, *, n_images=4, categories=None, annotations=None, images=None):
@@ -41,7 +42,7 @@ def _write_dataset(root, *, n_images=4, categories=None, annotations=None, image
 
 
 def _config(json_path: str) -> ml_collections.ConfigDict:
-    c = config_validation.base_config()
+    c = config_lib.base_config()
     c.mode = "detect"
     c.detect.train_json = c.detect.val_json = json_path
     c.detect.proposals = "gt"
@@ -51,7 +52,7 @@ def _config(json_path: str) -> ml_collections.ConfigDict:
 
 def test_user_json_with_one_path(tmp_path):
     path = _write_dataset(tmp_path)
-    data = detection_data.prepare(_config(path), str(tmp_path / "work"))
+    data = inputs.prepare(_config(path), str(tmp_path / "work"))
     # Categories keep the json's split; names become prompt words.
     assert data.train_ids == [3] and data.test_ids == [3, 7]
     assert data.train_names == ["golden retriever"] and data.test_names[1] == "tabby cat"
@@ -63,22 +64,22 @@ def test_user_json_with_one_path(tmp_path):
     val = ShardSource(open_shards(data.val))
     train = ShardSource(open_shards(data.train))
     assert len(val) == 4 and len(train) == 3
-    ids = detection_data.record_image_ids(val, data.val_json)
+    ids = inputs.record_image_ids(val, data.val_json)
     assert sorted(ids.tolist()) == [10, 11, 12, 13]
-    assert detection_data.check_training_boxes(train, data.train_category_map(), "t") == 2
+    assert inputs.check_training_boxes(train, data.train_category_map(), "t") == 2
     # A second run reuses the shards; a changed json is refused rather than silently mixed.
-    again = detection_data.prepare(_config(path), str(tmp_path / "work"))
+    again = inputs.prepare(_config(path), str(tmp_path / "work"))
     assert again.train == data.train
     os.utime(path, (1, 1))
     with pytest.raises(AnnotationError, match="different version"):
-        detection_data.prepare(_config(path), str(tmp_path / "work"))
+        inputs.prepare(_config(path), str(tmp_path / "work"))
 
 
 def test_categories_without_split_train_everything(tmp_path):
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
     anns = [{"id": 1, "image_id": 10, "category_id": 2, "bbox": [1, 1, 5, 5]}]
     path = _write_dataset(tmp_path, categories=cats, annotations=anns)
-    data = detection_data.prepare(_config(path), str(tmp_path / "w"))
+    data = inputs.prepare(_config(path), str(tmp_path / "w"))
     assert data.train_ids == data.test_ids == [1, 2]
 
 
@@ -97,27 +98,27 @@ def test_categories_without_split_train_everything(tmp_path):
 def test_malformed_json_names_the_problem(tmp_path, change, message):
     path = _write_dataset(tmp_path, **change)
     with pytest.raises(AnnotationError, match=message):
-        detection_data.prepare(_config(path), str(tmp_path / "w"))
+        inputs.prepare(_config(path), str(tmp_path / "w"))
 
 
 def test_not_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(AnnotationError, match="not valid json"):
-        detection_data.prepare(_config(str(bad)), str(tmp_path / "w"))
+        inputs.prepare(_config(str(bad)), str(tmp_path / "w"))
     with pytest.raises(AnnotationError, match="no such file"):
-        detection_data.prepare(_config(str(tmp_path / "none.json")), str(tmp_path / "w"))
+        inputs.prepare(_config(str(tmp_path / "none.json")), str(tmp_path / "w"))
 
 
 def test_no_box_of_a_training_class(tmp_path):
     anns = [{"id": 1, "image_id": 10, "category_id": 7, "bbox": [1, 1, 5, 5]}]
     path = _write_dataset(tmp_path, annotations=anns)
-    data = detection_data.prepare(_config(path), str(tmp_path / "w"))
+    data = inputs.prepare(_config(path), str(tmp_path / "w"))
     from regionclip_jax.data.pipeline import ShardSource
     from regionclip_jax.data.shards import open_shards
 
     with pytest.raises(AnnotationError, match="no training image has a box"):
-        detection_data.check_training_boxes(
+        inputs.check_training_boxes(
             ShardSource(open_shards(data.train)), data.train_category_map(), data.train
         )
 
@@ -128,9 +129,9 @@ def test_mask_on_without_masks_in_the_data_is_refused(tmp_path):
 
     # No `segmentation` in the json: the shards carry no masks, and mask_on would train nothing.
     path = _write_dataset(tmp_path / "plain")
-    data = detection_data.prepare(_config(path), str(tmp_path / "w1"))
+    data = inputs.prepare(_config(path), str(tmp_path / "w1"))
     with pytest.raises(AnnotationError, match="mask_on is set but no training record carries"):
-        detection_data.check_training_masks(ShardSource(open_shards(data.train)), data.train)
+        inputs.check_training_masks(ShardSource(open_shards(data.train)), data.train)
 
     # The same json with a polygon on one training box: that record counts.
     anns = [
@@ -139,6 +140,6 @@ def test_mask_on_without_masks_in_the_data_is_refused(tmp_path):
         {"id": 3, "image_id": 12, "category_id": 3, "bbox": [0, 0, 10, 10], "iscrowd": 0},
     ]  # fmt: skip
     path = _write_dataset(tmp_path / "seg", annotations=anns)
-    data = detection_data.prepare(_config(path), str(tmp_path / "w2"))
-    n = detection_data.check_training_masks(ShardSource(open_shards(data.train)), data.train)
+    data = inputs.prepare(_config(path), str(tmp_path / "w2"))
+    n = inputs.check_training_masks(ShardSource(open_shards(data.train)), data.train)
     assert n == 1

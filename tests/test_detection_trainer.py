@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from regionclip_jax import config as config_lib
+from regionclip_jax.convert import rpn as rpn_format
 from regionclip_jax.train import detection_trainer, rpn_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +54,8 @@ def test_ovd_finetuning_with_the_frozen_rpn(trained_rpn, tmp_path):
     result = detection_trainer.run(cfg, str(tmp_path / "det"))
     assert result.step == 4 and all(math.isfinite(v) for v in result.losses.values())
     # The offline RPN and the class embeddings are frozen: they leave training unchanged.
-    spec = rpn_trainer.rpn_spec_from_init(str(root / "work"), cfg)
-    rpn_params, _ = rpn_trainer.load_rpn_weights(spec)
+    spec = config_lib.rpn_spec_from_init(str(root / "work"), cfg)
+    rpn_params, _ = rpn_format.load_rpn_weights(spec)
     trained = jax.device_get(result.state) if result.state is not None else None
     if trained is not None:
         got = jax.tree.leaves(trained["params"]["rpn"])

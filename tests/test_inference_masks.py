@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 from regionclip_jax.inference import RegionCLIP
 from regionclip_jax.inference.commands import main
 from regionclip_jax.inference.notebook import TINY_CONFIG
+from regionclip_jax.models import split as split_lib
 
 TINY = dict(TINY_CONFIG, embed_dim=32)
 SIZES = dict(min_size=64, max_size=96)
@@ -265,7 +266,6 @@ def test_detection_trainer_inits_the_mask_head_from_a_converted_checkpoint(env, 
         save_regionclip,
     )
     from regionclip_jax.train import detection_trainer
-    from regionclip_jax.train import state as state_lib
 
     tmp, with_mask, plain, _ = env
     arrays = random_mask_head(seed=5, conv_dim=256)
@@ -296,10 +296,10 @@ def test_detection_trainer_inits_the_mask_head_from_a_converted_checkpoint(env, 
         return
     task.load_init_weights()
     out = capsys.readouterr().out
-    graphdef, params, rest = state_lib.split_model(task.build_model(nnx.Rngs(0)))
+    graphdef, params, rest = split_lib.split_model(task.build_model(nnx.Rngs(0)))
     random_init = np.array(params["detector"]["mask_head"]["deconv_kernel"])
     state = task.initialize(graphdef, {"params": params, "rest": rest})
-    model = state_lib.merge(graphdef, state["params"], state["rest"])
+    model = split_lib.merge(graphdef, state["params"], state["rest"])
     got = mask_head_arrays(model.detector.mask_head)
     if init == "with_head":
         assert "mask head loaded from model.init" in out

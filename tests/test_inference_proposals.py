@@ -1,6 +1,6 @@
 """Proposal mode of the zero-shot recognizer (`RegionCLIP(rpn=...)`, spec §6.1-6.2).
 
-A tiny random CLIP checkpoint and a tiny CLIP-res4 RPN exported with `rpn_trainer.export_rpn`:
+A tiny random CLIP checkpoint and a tiny CLIP-res4 RPN exported with `convert.rpn.export_rpn`:
   - `proposals(image)` equals the RPN module (the object whose weights were exported) called
     directly on a canvas built here (PIL bicubic resize by the shortest-edge rule, zero padding,
     RGB 0..255), mapped back to original pixels by the resize scale;

@@ -20,9 +20,11 @@ import pytest
 from flax import nnx
 from test_train_loop import apply_changes
 
+from regionclip_jax.config import ConfigError, validate
+from regionclip_jax.data import inputs
+from regionclip_jax.models import split as split_lib
 from regionclip_jax.train import pretrain_trainer
 from regionclip_jax.train import state as state_lib
-from regionclip_jax.train.config_validation import ConfigError, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +68,7 @@ def sw_dir(tmp_path_factory, learning_seed):
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-    from regionclip_jax.train.optim import path_str
+    from regionclip_jax.models.split import path_str
 
     return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -108,9 +110,8 @@ def _fixed_batch_loss(config, graphdef, params, rest, num_batches: int) -> tuple
     the first 30 steps), which varies by more than the learning changes them; the same batches
     before and after training isolate the learning."""
     config = ml_collections.ConfigDict(config.to_dict())
-    from regionclip_jax.train import clip_trainer
 
-    clip_trainer.prepare_shapesworld(config)
+    inputs.prepare_shapesworld(config)
     task = pretrain_trainer.PretrainTask(config, pretrain_trainer.concept_names(config))
     spec = task.batch_spec(int(config.data.batch_size))
     it = iter(task.dataset(0, 1))
@@ -119,7 +120,7 @@ def _fixed_batch_loss(config, graphdef, params, rest, num_batches: int) -> tuple
 
     @jax.jit
     def loss(params, batch, rng):
-        return task.loss(state_lib.merge(graphdef, params, rest), batch, rng, 0)
+        return task.loss(split_lib.merge(graphdef, params, rest), batch, rng, 0)
 
     out = [loss(params, b, jax.random.PRNGKey(i)) for i, b in enumerate(batches)]
     terms = {k: float(np.mean([o[1][k] for o in out])) for k in out[0][1]}
@@ -144,7 +145,7 @@ def test_init_from_checkpoint_freezes_teacher_text_stem_layer1_and_loss_decrease
     cfg.lock()
     result = pretrain_trainer.run(cfg, str(tmp_path / "run"), keep_state=True)
 
-    _, ck_params, ck_rest = state_lib.split_model(load_clip(init_ckpt))
+    _, ck_params, ck_rest = split_lib.split_model(load_clip(init_ckpt))
     ck = _flat(ck_params)
     params = _flat(result.state["params"])
     # The teacher is the checkpoint's image tower, untouched by the updates.

@@ -280,7 +280,7 @@ def test_nan_guard_stops_with_step_and_module_norms(sw_dir, tmp_path):
 
 
 def _optim_cfg(**kw) -> ml_collections.ConfigDict:
-    from regionclip_jax.train.config_validation import base_config
+    from regionclip_jax.config import base_config
 
     o = base_config().optim
     o.update(kw)

@@ -1,4 +1,4 @@
-"""A tiny CLIP-res4 RPN with random weights, exported as `rpn_trainer.export_rpn` writes it, and the
+"""A tiny CLIP-res4 RPN with random weights, exported as `convert.rpn.export_rpn` writes it, and the
 same weights in memory as the reference the loaders under test are compared with."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from regionclip_jax.inference.notebook import TINY_CONFIG
+from regionclip_jax.models import split as split_lib
 
 TINY_CLIP = dict(TINY_CONFIG, embed_dim=32)
 
@@ -16,9 +17,8 @@ def export_random_clip_rpn(directory, *, pre_nms_topk: int, post_nms_topk: int, 
     """Writes DIRECTORY/export (rpn.json + params.npz) and returns `reference(images, image_hw)`:
     the in-memory RPN with the same weights under the given test-time settings (boxes, logits,
     valid as the RPN module returns them; images float `[B, Hc, Wc, 3]` RGB 0..255)."""
+    from regionclip_jax.convert import rpn as rpn_format
     from regionclip_jax.models import CLIPConfig
-    from regionclip_jax.train import rpn_trainer
-    from regionclip_jax.train import state as state_lib
 
     spec = {
         "kind": "clip",
@@ -44,20 +44,20 @@ def export_random_clip_rpn(directory, *, pre_nms_topk: int, post_nms_topk: int, 
             )
         return (rng.standard_normal(x.shape) * 0.1).astype(np.float32)
 
-    abstract = nnx.eval_shape(lambda: rpn_trainer.build_rpn(spec, nnx.Rngs(0)))
-    _, params, rest = state_lib.split_model(abstract)
+    abstract = nnx.eval_shape(lambda: rpn_format.build_rpn(spec, nnx.Rngs(0)))
+    _, params, rest = split_lib.split_model(abstract)
     params = jax.tree_util.tree_map_with_path(draw, params)
     rest = jax.tree_util.tree_map_with_path(draw, rest)
-    rpn_trainer.export_rpn(spec, params, rest, str(directory / "export"))
+    rpn_format.export_rpn(spec, params, rest, str(directory / "export"))
     # The reference: the same in-memory weights under the test-time settings (static attributes
     # of the module graph).
     test_spec = dict(
         spec, pre_nms_topk=pre_nms_topk, post_nms_topk=post_nms_topk, nms_thresh=nms_thresh
     )
-    ref_def, _, _ = state_lib.split_model(
-        nnx.eval_shape(lambda: rpn_trainer.build_rpn(test_spec, nnx.Rngs(0)))
+    ref_def, _, _ = split_lib.split_model(
+        nnx.eval_shape(lambda: rpn_format.build_rpn(test_spec, nnx.Rngs(0)))
     )
-    call = jax.jit(lambda p, r, x, hw: state_lib.merge(ref_def, p, r)(x, hw))
+    call = jax.jit(lambda p, r, x, hw: split_lib.merge(ref_def, p, r)(x, hw))
 
     def reference(images, image_hw):
         return call(params, rest, images, image_hw)

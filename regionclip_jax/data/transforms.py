@@ -19,8 +19,7 @@ import math
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+from regionclip_jax.models.normalize import CLIP_MEAN, CLIP_STD
 
 
 def decode_image(data: bytes) -> np.ndarray:

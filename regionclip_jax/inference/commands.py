@@ -8,6 +8,7 @@
       --vocabulary words.txt|"cat,dog" --out dets.json      (proposal mode: offline RPN boxes)
   regionclip-jax convert-regionclip --input regionclip_pretrained-cc_rn50.pth --output DIR \
       --trust-pickle
+  regionclip-jax add-proposals --shards IN --out OUT --rpn RPN_WORKDIR|rpn.pth
 
 Each command is `add_<name>_arguments(parser)` + `run_<name>(args) -> exit code`. Expected
 failures raise ValueError / OSError (cli.main prints one line and exits 2); `main(argv)` here
@@ -489,6 +490,81 @@ def run_convert_regionclip(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# add-proposals
+
+
+def add_add_proposals_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, metavar="IN", help="input shard directory")
+    p.add_argument("--out", "-o", required=True, metavar="OUT", help="output shard directory")
+    p.add_argument(
+        "--rpn",
+        required=True,
+        metavar="PATH",
+        help="offline RPN: an `rpn` workdir, its export/ dir, or a detectron2 RPN .pth",
+    )
+    p.add_argument(
+        "--topk", type=int, default=300, help="proposals kept per image (pretraining: 300)"
+    )
+    p.add_argument(
+        "--nms-thresh",
+        type=float,
+        default=0.5,
+        help="the RPN's NMS IoU (pretraining: 0.5, OFFLINE_RPN_NMS_THRESH)",
+    )
+    p.add_argument(
+        "--pre-nms-topk",
+        type=int,
+        default=None,
+        metavar="K",
+        help="RPN candidates per level before NMS (default: FPN 1000, C4 / CLIP 6000)",
+    )
+    p.add_argument("--min-size", type=int, default=800, help="shortest edge after resizing")
+    p.add_argument("--max-size", type=int, default=1333, help="longest edge cap")
+    p.add_argument(
+        "--canvas",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="one fixed canvas (default: ceil32(min) x ceil32(max) and its transpose)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per RPN call")
+    p.add_argument(
+        "--records-per-shard", type=int, default=None, metavar="N", help="default: as the input"
+    )
+    p.add_argument("--threads", type=int, default=4, help="threads decoding/resizing images")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_add_proposals(args: argparse.Namespace) -> int:
+    """Runs `proposals.add_proposals` with a progress bar; prints the summary; returns 0."""
+    from tqdm import tqdm
+
+    from regionclip_jax.inference.proposals import add_proposals, format_summary
+
+    with tqdm(unit="img", desc="add-proposals", disable=args.quiet, file=sys.stderr) as bar:
+        summary = add_proposals(
+            args.shards,
+            args.out,
+            args.rpn,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            canvas=None if args.canvas is None else tuple(args.canvas),
+            topk=args.topk,
+            pre_nms_topk=args.pre_nms_topk,
+            nms_thresh=args.nms_thresh,
+            batch_size=args.batch_size,
+            records_per_shard=args.records_per_shard,
+            num_threads=args.threads,
+            overwrite=args.overwrite,
+            progress=bar.update,
+            set_total=lambda n: setattr(bar, "total", n),
+        )
+    print(format_summary(summary))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ standalone
 
 COMMANDS = {
@@ -496,6 +572,7 @@ COMMANDS = {
     "region-features": (add_region_features_arguments, run_region_features),
     "classify": (add_classify_arguments, run_classify),
     "convert-regionclip": (add_convert_regionclip_arguments, run_convert_regionclip),
+    "add-proposals": (add_add_proposals_arguments, run_add_proposals),
 }
 
 

@@ -16,7 +16,7 @@ original image pixels.
 
 Proposal mode (no boxes; spec §6.1-6.2, the zero-shot RPN protocol): an offline class-agnostic
 RPN (`rpn=`: an `rpn` mode workdir, its export/ dir, or a detectron2 RPN .pth; see
-`train.rpn_trainer.load_rpn_spec`) runs on the resized, zero-padded RGB 0..255 canvas; its valid
+`convert.rpn.load_rpn_spec`) runs on the resized, zero-padded RGB 0..255 canvas; its valid
 proposals, mapped to original pixels, are the boxes, used as they are (NO_BOX_DELTA) and
 classified and post-processed exactly as in GT mode. The optional RPN-score fusion of the original
 (MULTIPLY_RPN_SCORE) is not applied; `RegionScores.objectness` keeps the RPN logits. RPN test-time
@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from regionclip_jax.convert import rpn as rpn_format
 from regionclip_jax.inference.preprocess import (
     Prepared,
     bucket_size,
@@ -331,15 +332,13 @@ class RegionCLIP:
     def _load_rpn(
         self, path: str, pre_nms_topk: int | None, post_nms_topk: int, nms_thresh: float
     ) -> None:
-        from regionclip_jax.train import rpn_trainer
-
         if post_nms_topk < 1 or (pre_nms_topk is not None and pre_nms_topk < 1):
             raise ValueError(
                 f"rpn top-k must be >= 1, got pre {pre_nms_topk}, post {post_nms_topk}"
             )
         if not 0.0 < nms_thresh <= 1.0:
             raise ValueError(f"rpn_nms_thresh must be in (0, 1], got {nms_thresh}")
-        self.rpn_spec, self._rpn_fn = rpn_trainer.load_offline_rpn(
+        self.rpn_spec, self._rpn_fn = rpn_format.load_offline_rpn(
             path, pre_nms_topk=pre_nms_topk, post_nms_topk=post_nms_topk, nms_thresh=nms_thresh
         )
 
@@ -364,9 +363,7 @@ class RegionCLIP:
         from regionclip_jax.convert.regionclip import load_mask_head, load_regionclip
 
         if rpn is not None:  # before the (possibly large) checkpoint is read
-            from regionclip_jax.train.rpn_trainer import check_rpn_path
-
-            check_rpn_path(rpn)
+            rpn_format.check_rpn_path(rpn)
         weights = load_regionclip(directory)
         if masks and weights.mask_head:
             from regionclip_jax.models.detector import MaskHead

@@ -19,6 +19,8 @@ from flax import nnx
 from regionclip_jax.parallel import shard_act
 
 Dtype = Any
+# Names of the compute dtypes a config may ask for (`model.dtype`).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Initializer = Any
 
 CONV_AXES = ("kernel", "kernel", "conv_in", "conv_out")

@@ -205,7 +205,7 @@ class Checkpointer:
         path, have, want = diffs[0]
         part, _, name = path.partition("/")
         what = _PARTS.get(part, "entry")
-        if part in ("params", "rest"):  # named as optim.path_str names parameters
+        if part in ("params", "rest"):  # named as models.split.path_str names parameters
             path = name
 
         def show(shape):

@@ -29,87 +29,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from regionclip_jax.data.pipeline import make_pretrain_dataset
+from regionclip_jax import config as config_lib
+from regionclip_jax.data import inputs
 from regionclip_jax.losses.pretrain import image_text_contrastive_loss
+from regionclip_jax.models import split as split_lib
 from regionclip_jax.models.clip import CLIP
-from regionclip_jax.train import config_validation
+from regionclip_jax.models.layers import DTYPES
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import state as state_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def prepare_shapesworld(config: ml_collections.ConfigDict) -> None:
-    """Generates ShapesWorld into `config.data.shapesworld.dir` if it is not there yet and points
-    `data.train` / `data.val` at it (in place; the config must be unlocked or have the keys)."""
-    sw = config.data.shapesworld
-    if not sw.dir:
-        return
-    from regionclip_jax.data import shapesworld
-
-    if not os.path.exists(os.path.join(sw.dir, "shapesworld.json")):
-        if jax.process_index() == 0:
-            print(f"generating ShapesWorld ({sw.num_train} + {sw.num_val} images) in {sw.dir}")
-            shapesworld.generate(
-                sw.dir,
-                num_train=int(sw.num_train),
-                num_val=int(sw.num_val),
-                seed=int(sw.seed),
-                image_size=int(sw.image_size),
-                min_objects=int(sw.min_objects),
-                max_objects=int(sw.max_objects),
-                small_size=tuple(float(x) for x in sw.small_size),
-                large_size=tuple(float(x) for x in sw.large_size),
-                color_mention=float(sw.color_mention),
-                size_mention=float(sw.size_mention),
-                max_mentions=int(sw.get("max_mentions", 3)),
-                train_novel_weight=float(sw.get("train_novel_weight", 1.0)),
-            )
-        # Multi-host: other processes must wait for process 0 (shared file system assumed).
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("shapesworld_generated")
-    if not config.data.train:
-        config.data.train = os.path.join(sw.dir, "train")
-    if not config.data.val and int(sw.num_val) > 0:
-        config.data.val = os.path.join(sw.dir, "val")
-
-
-def image_text_dataset(
-    config: ml_collections.ConfigDict,
-    path: str,
-    batch: int,
-    shard_index: int,
-    shard_count: int,
-    *,
-    train: bool,
-    boxes: str | None = None,
-    max_boxes: int = 100,
-) -> grain.IterDataset:
-    """The pretraining pipeline with `config.data`'s resize/canvas/caption settings.
-
-    train=True: shuffled, endless, workers and flips as configured; False: one ordered epoch.
-    """
-    d = config.data
-    return make_pretrain_dataset(
-        path,
-        batch_size=batch,
-        canvas=tuple(int(x) for x in d.canvas),
-        min_size=int(d.min_size),
-        max_size=int(d.max_size) if d.max_size else None,
-        boxes=boxes,
-        max_boxes=max_boxes,
-        seed=int(config.seed),
-        shard_index=shard_index,
-        shard_count=shard_count,
-        num_workers=int(d.num_workers) if train else 0,
-        flip=bool(d.flip) and train,
-        shuffle=train,
-        num_epochs=None if train else 1,
-        drop_remainder=True,
-        context_length=int(d.context_length),
-    )
 
 
 class ClipTask:
@@ -117,14 +44,16 @@ class ClipTask:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
-        self.clip_config = config_validation.clip_config(config)
+        self.clip_config = config_lib.clip_config(config)
         self.dtype = DTYPES[config.model.dtype]
 
     def build_model(self, rngs: nnx.Rngs) -> CLIP:
         return CLIP(self.clip_config, dtype=self.dtype, rngs=rngs)
 
     def _dataset(self, path: str, batch: int, shard_index: int, shard_count: int, train: bool):
-        return image_text_dataset(self.config, path, batch, shard_index, shard_count, train=train)
+        return inputs.image_text_dataset(
+            self.config, path, batch, shard_index, shard_count, train=train
+        )
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
         batch = int(self.config.data.batch_size) // shard_count
@@ -175,7 +104,7 @@ def evaluate_retrieval(
 
     @jax.jit
     def embed(params, rest, batch):
-        return task.embed(state_lib.merge(graphdef, params, rest), batch)
+        return task.embed(split_lib.merge(graphdef, params, rest), batch)
 
     i2t, t2i, n = 0.0, 0.0, 0
     it = iter(task._dataset(path, batch_size, 0, 1, train=False))
@@ -208,8 +137,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
 
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy for data paths
     # Before any data is generated (`loop.train` validates again, with the data paths).
-    config_validation.validate(config, jax.device_count(), jax.process_count())
-    prepare_shapesworld(config)
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    inputs.prepare_shapesworld(config)
     task = ClipTask(config)
     keep = kwargs.get("keep_state", True)
     kwargs["keep_state"] = True
@@ -220,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     export_model(model, result.step, os.path.join(workdir, "export"))
     if config.data.val and jax.process_index() == 0:
         # Process 0 evaluates the whole model on its first device; the others wait.
-        _, params, rest = state_lib.split_model(model)
+        _, params, rest = split_lib.split_model(model)
         with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
             ev = evaluate_retrieval(
                 task,

@@ -28,9 +28,7 @@ the original's `coco_48_base_cls_emb.pth` etc. work).
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from typing import Any
 
 import grain
@@ -40,25 +38,18 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from regionclip_jax import config as config_lib
 from regionclip_jax import parallel
-from regionclip_jax.data import transforms as T
+from regionclip_jax.convert import rpn as rpn_format
+from regionclip_jax.data import inputs
 from regionclip_jax.data.detection_pipeline import detection_batch_spec
-from regionclip_jax.train import clip_trainer, config_validation, detection_data, optim
+from regionclip_jax.eval import detection as detection_eval
+from regionclip_jax.models import split as split_lib
+from regionclip_jax.models.layers import DTYPES
+from regionclip_jax.models.normalize import clip_normalize
 from regionclip_jax.train import loop as loop_lib
+from regionclip_jax.train import optim
 from regionclip_jax.train import state as state_lib
-
-_CLIP_MEAN = jnp.asarray(T.CLIP_MEAN)
-_CLIP_STD = jnp.asarray(T.CLIP_STD)
-
-
-def clip_normalize(images: jax.Array, image_hw: jax.Array) -> jax.Array:
-    """uint8/float `[B, Hc, Wc, 3]` RGB in 0..255 -> CLIP-normalised float32, 0 in the padding."""
-    x = (images.astype(jnp.float32) / 255.0 - _CLIP_MEAN) / _CLIP_STD
-    hc, wc = images.shape[1:3]
-    inside = (jnp.arange(hc)[None, :, None] < image_hw[:, 0, None, None]) & (
-        jnp.arange(wc)[None, None, :] < image_hw[:, 1, None, None]
-    )
-    return jnp.where(inside[..., None], x, 0.0)
 
 
 def frozen_patterns(freeze_at: int) -> tuple[str, ...]:
@@ -81,17 +72,15 @@ class DetectionModel(nnx.Module):
 class DetectionTask:
     """`loop.Task` for Fast R-CNN fine-tuning with a text-embedding classifier."""
 
-    def __init__(self, config: ml_collections.ConfigDict, data: detection_data.DetectionData):
-        from regionclip_jax.train import rpn_trainer
-
+    def __init__(self, config: ml_collections.ConfigDict, data: inputs.DetectionData):
         self.config = config
         self.t = config.detect
         self.data = data
-        self.clip_config = config_validation.clip_config(config)
-        self.dtype = clip_trainer.DTYPES[config.model.dtype]
+        self.clip_config = config_lib.clip_config(config)
+        self.dtype = DTYPES[config.model.dtype]
         self.canvas = tuple(int(x) for x in config.data.canvas)
         self.rpn_spec = (
-            rpn_trainer.rpn_spec_from_init(str(self.t.rpn_init), config)
+            config_lib.rpn_spec_from_init(str(self.t.rpn_init), config)
             if self.t.proposals == "rpn"
             else None
         )
@@ -102,7 +91,6 @@ class DetectionTask:
     def build_model(self, rngs: nnx.Rngs) -> DetectionModel:
         from regionclip_jax.models.clip import build_visual
         from regionclip_jax.models.detector import OVDFastRCNN
-        from regionclip_jax.train import rpn_trainer
 
         visual = build_visual(self.clip_config, dtype=self.dtype, rngs=rngs)
         detector = OVDFastRCNN(
@@ -114,7 +102,7 @@ class DetectionTask:
             mask_head=bool(self.t.mask_on),
             rngs=rngs,
         )
-        rpn = None if self.rpn_spec is None else rpn_trainer.build_rpn(self.rpn_spec, rngs)
+        rpn = None if self.rpn_spec is None else rpn_format.build_rpn(self.rpn_spec, rngs)
         return DetectionModel(detector, rpn)
 
     def proposals(self, model: DetectionModel, batch: dict[str, jax.Array]):
@@ -126,7 +114,7 @@ class DetectionTask:
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
         threshold = float(self.t.repeat_threshold)
-        return detection_data.training_dataset(
+        return inputs.training_dataset(
             self.config,
             self.data.train_category_map(),
             shard_index,
@@ -200,7 +188,6 @@ class DetectionTask:
         head keeps its random init (detectron2's). Both cases print one line.
         """
         from regionclip_jax.convert.regionclip import load_regionclip
-        from regionclip_jax.train import rpn_trainer
 
         t = self.t
         clip = None
@@ -213,7 +200,7 @@ class DetectionTask:
             init = str(self.config.model.init)
             weights = load_regionclip(init, dtype=self.dtype)  # a CLIP directory loads as well
             clip = weights.clip
-            _, params, rest = state_lib.split_model(clip.visual)
+            _, params, rest = split_lib.split_model(clip.visual)
             self.init_weights["visual"] = (params, rest)
             if t.mask_on:
                 self._load_init_mask_head(init, weights.mask_head)
@@ -224,7 +211,7 @@ class DetectionTask:
             str(t.test_embeddings), clip, self.data.test_names, str(t.templates), "test"
         )
         if self.rpn_spec is not None:
-            self.init_weights["rpn"] = rpn_trainer.load_rpn_weights(self.rpn_spec)
+            self.init_weights["rpn"] = rpn_format.load_rpn_weights(self.rpn_spec)
 
     def _load_init_mask_head(self, init: str, arrays: dict[str, np.ndarray]) -> None:
         if not arrays:
@@ -241,7 +228,7 @@ class DetectionTask:
         # `load_mask_head` checks every shape against it, naming the key.
         head = MaskHead(int(self.clip_config.vision_width) * 32, 256, rngs=nnx.Rngs(0))
         load_mask_head(head, arrays)
-        _, params, _ = state_lib.split_model(head)
+        _, params, _ = split_lib.split_model(head)
         self.init_weights["mask_head"] = params
         print(
             f"mask head loaded from model.init {init} (deconv "
@@ -311,214 +298,14 @@ def class_embeddings(
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation.
-
-
-def whole_on_one_device(state: dict[str, Any]) -> dict[str, Any]:
-    """params + rest of a (possibly sharded) train state, whole on the first local device, once
-    (a jitted evaluation fed host arrays would copy them at every call)."""
-
-    whole = parallel.gather_to_host({"params": state["params"], "rest": state["rest"]})
-    return jax.device_put(whole, jax.local_devices()[0])
-
-
-def make_predict_fn(task: DetectionTask, graphdef: Any):
-    """jitted `(params, rest, batch) -> detections` of the evaluation (class indices 0..K_test-1).
-
-    With a mask head (`detect.mask_on`) the detections also carry `mask_probs [B, topk, M, M]`
-    float32: the sigmoid of the mask head on the res5 features of the final (post-NMS, top-k)
-    boxes, as detectron2's `forward_with_given_boxes` (RoIAlign on res4 -> res5 -> mask head;
-    zeros on padding slots). The feature map is requested again from the trunk
-    (`OVDFastRCNN.predict` does not return it): the identical computation inside one jit,
-    which XLA's common-subexpression elimination merges (checked on CPU with a tiny detector:
-    the compiled FLOPs are those of one trunk pass; a trunk on different input adds one
-    trunk's FLOPs). A `predict` that returned its feature map would make that explicit.
-    """
-    from regionclip_jax.eval.postprocess import detections_from_scores
-
-    t = task.t
-
-    @jax.jit
-    def predict(params, rest, batch):
-        model = state_lib.merge(graphdef, params, rest)
-        image_hw = batch["image_hw"]
-        if t.proposals == "gt":
-            boxes = batch["boxes"].astype(jnp.float32)
-            valid = batch["box_mask"]
-            objectness = None
-        else:
-            boxes, logits, valid = task.proposals(model, batch)
-            objectness = logits if t.multiply_rpn_score else None
-        images = clip_normalize(batch["images"], image_hw).astype(task.dtype)
-        probs, pred_boxes = model.detector.predict(
-            images,
-            image_hw,
-            boxes,
-            valid,
-            apply_deltas=bool(t.apply_deltas) and t.proposals != "gt",
-        )
-        out = detections_from_scores(
-            probs.astype(jnp.float32),
-            pred_boxes.astype(jnp.float32),
-            valid,
-            image_hw,
-            objectness=objectness,
-            score_thresh=float(t.score_thresh),
-            nms_thresh=float(t.nms_thresh),
-            soft_nms=bool(t.soft_nms),
-            topk=int(t.topk),
-            max_candidates=int(t.max_candidates),
-        )
-        det = model.detector
-        if getattr(det, "mask_head", None) is not None:
-            b, n = out["boxes"].shape[:2]
-            # res5 of the final boxes (the attnpool output `_pool_with_res5` also returns is
-            # unused here and removed by XLA).
-            _, res5 = det._pool_with_res5(det.feature_map(images), out["boxes"], n)
-            logits = det.mask_head(res5)
-            m = logits.shape[-1]
-            mask_probs = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(b, n, m, m)
-            out["mask_probs"] = jnp.where(out["valid"][..., None, None], mask_probs, 0.0)
-        return out
-
-    return predict
-
-
-def evaluate(
-    task: DetectionTask, graphdef: Any, state: dict[str, Any], out_dir: str
-) -> dict[str, float]:
-    """Detections of the evaluation set -> COCO / LVIS metrics (on process 0; {} elsewhere).
-
-    Runs on this process's local devices (the state is gathered to the host once); every
-    process takes a disjoint slice of the images and streams its detections to `out_dir`.
-
-    With a mask head (`detect.mask_on`) each kept detection's mask probabilities are pasted
-    into its original image at its rescaled box (`eval.masks.paste_masks_rle`, detectron2's
-    `paste_masks_in_image`, threshold 0.5), streamed as compressed RLE beside the detections,
-    and the mask metrics are reported beside the box metrics under `segm/` (`segm/AP`,
-    `segm/AP50/novel`, ... for COCO; `segm/APr`, `segm/APc`, `segm/APf`, ... for LVIS) when
-    every ground-truth annotation has a `segmentation` (else box metrics only, with a note).
-    """
-    from regionclip_jax.data.pipeline import ShardSource
-    from regionclip_jax.data.shards import open_shards
-    from regionclip_jax.eval.masks import paste_masks_rle
-    from regionclip_jax.eval.postprocess import rescale_to_original
-    from regionclip_jax.eval.results import DetectionWriter, read_detections, read_masks
-    from regionclip_jax.ops.boxes import nonempty
-
-    t, data = task.t, task.data
-    host = whole_on_one_device(state)
-    predict = make_predict_fn(task, graphdef)
-    source = ShardSource(open_shards(data.val))
-    image_ids = detection_data.record_image_ids(source, data.val_json)
-    bs = int(t.eval_batch_size)
-    limit = int(t.max_eval_images)
-    ds = detection_data.evaluation_dataset(
-        task.config,
-        source,
-        data.test_category_map(),
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    test_ids = np.asarray(data.test_ids, np.int64)
-    os.makedirs(out_dir, exist_ok=True)
-    with_masks = bool(t.mask_on)
-    writer = DetectionWriter(out_dir, process_index=jax.process_index(), masks=with_masks)
-    total = len(source) // jax.process_count() if not limit else min(limit, len(source))
-    seen, t0 = 0, time.perf_counter()
-    keys = ("images", "image_hw", "boxes", "box_mask")
-    with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
-        for batch in ds:
-            if limit and seen >= limit:
-                break
-            padded, n = detection_data.pad_batch({k: batch[k] for k in keys}, bs)
-            out = jax.device_get(predict(host["params"], host["rest"], padded))
-            boxes = rescale_to_original(out["boxes"][:n], batch["scale"][:n], batch["orig_hw"][:n])
-            cls = np.asarray(out["classes"][:n])
-            # detector_postprocess drops boxes left empty by the rescale.
-            keep = np.asarray(out["valid"][:n]) & np.asarray(nonempty(jnp.asarray(boxes)))
-            boxes = np.asarray(boxes)
-            masks = None
-            if with_masks:  # one image at a time: at most one full-size mask in memory
-                orig_hw = np.asarray(batch["orig_hw"][:n])
-                masks = []
-                for i in range(n):
-                    idx = np.flatnonzero(keep[i])
-                    rles = paste_masks_rle(
-                        np.asarray(out["mask_probs"][i])[idx], boxes[i][idx], tuple(orig_hw[i])
-                    )
-                    row: list[Any] = [None] * keep.shape[1]
-                    for j, rle in zip(idx.tolist(), rles):
-                        row[j] = rle
-                    masks.append(row)
-            writer.add(
-                image_ids[np.asarray(batch["source_index"][:n])],
-                boxes,
-                np.asarray(out["scores"][:n]),
-                test_ids[np.clip(cls, 0, len(test_ids) - 1)],
-                keep,
-                masks=masks,
-            )
-            seen += n
-            if seen % max(bs * 25, 1) < bs or seen >= total:
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                print(f"  evaluated {seen}/{total} images ({rate:.1f} img/s)", flush=True)
-    writer.close()
-    detection_data._barrier("detections_written")
-    if jax.process_index() != 0:
-        return {}
-    from regionclip_jax.eval.coco import gt_has_masks
-
-    dets = read_detections(out_dir)
-    det_masks = read_masks(out_dir)
-    with open(data.val_json) as f:
-        gt = json.load(f)
-    iou_types = ["bbox"]
-    if det_masks is not None:
-        if gt_has_masks(gt):
-            iou_types.append("segm")
-        else:
-            print(f"{data.val_json}: annotations without segmentation: no mask AP", flush=True)
-    metrics: dict[str, float] = {}
-    for iou_type in iou_types:
-        prefix = "" if iou_type == "bbox" else "segm/"
-        segm_masks = det_masks if iou_type == "segm" else None
-        if t.task == "lvis":
-            from regionclip_jax.eval.lvis import evaluate_lvis
-
-            m = evaluate_lvis(gt, dets, max_dets=int(t.topk), iou_type=iou_type, masks=segm_masks)
-        else:
-            from regionclip_jax.eval.coco import evaluate_coco, load_coco
-
-            if iou_type == "bbox":
-                gt = load_coco(gt)
-            restrict = None
-            if limit:
-                restrict = sorted({int(i) for i in dets["image_id"]})
-            m = evaluate_coco(
-                gt,
-                dets,
-                category_splits=data.splits(),
-                max_dets=int(t.topk),
-                image_ids=restrict,
-                iou_type=iou_type,
-                masks=segm_masks,
-            )
-        metrics.update({prefix + k: v for k, v in m.items()})
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------
 # Entry point.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
     """Fine-tunes (unless `detect.eval_only`) and evaluates; metrics in `result.metrics`."""
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-    config_validation.validate(config, jax.device_count(), jax.process_count())
-    data = detection_data.prepare(config, workdir)
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    data = inputs.prepare(config, workdir)
     config.data.train = data.train
     config.data.val = data.val
     config.optim.freeze = tuple(config.optim.freeze) + frozen_patterns(int(config.detect.freeze_at))
@@ -532,9 +319,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     if config.detect.eval_only:
         task.load_init_weights()
         with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
-            graphdef, params, rest = state_lib.split_model(task.build_model(nnx.Rngs(0)))
+            graphdef, params, rest = split_lib.split_model(task.build_model(nnx.Rngs(0)))
             state = task.initialize(graphdef, {"params": params, "rest": rest})
-        metrics = evaluate(task, graphdef, state, os.path.join(workdir, "eval"))
+        metrics = detection_eval.evaluate(task, graphdef, state, os.path.join(workdir, "eval"))
         _print_metrics(metrics)
         return loop_lib.TrainResult(step=0, metrics=metrics, losses={}, seconds=0.0)
 
@@ -542,14 +329,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     from regionclip_jax.data.shards import open_shards
 
     if jax.process_index() == 0:
-        n = detection_data.check_training_boxes(
+        n = inputs.check_training_boxes(
             ShardSource(open_shards(data.train)), data.train_category_map(), str(data.train)
         )
         print(f"training images with boxes of the train classes: {n}", flush=True)
         if config.detect.mask_on:
-            m = detection_data.check_training_masks(
-                ShardSource(open_shards(data.train)), str(data.train)
-            )
+            m = inputs.check_training_masks(ShardSource(open_shards(data.train)), str(data.train))
             print(f"training images with instance masks: {m}", flush=True)
     if not loop_lib.has_checkpoint(workdir):
         task.load_init_weights()
@@ -557,7 +342,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     result = loop_lib.train(config, workdir, task, **kwargs)
     if result.preempted or result.step < int(config.total_steps):
         return result
-    metrics = evaluate(
+    metrics = detection_eval.evaluate(
         task, result.graphdef, result.state, os.path.join(workdir, "eval", str(result.step))
     )
     _print_metrics(metrics)

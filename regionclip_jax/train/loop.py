@@ -2,7 +2,7 @@
 
 A trainer is a `Task`: it builds the model, the per-process grain dataset and the loss. The
 loop does the rest, in this order (big_vision's documented resume order: workdir -> init):
-  1. validate the config (before any compile; `config_validation.validate`);
+  1. validate the config (before any compile; `config_lib.validate`);
   2. mesh + logical-axis rules from the config;
   3. abstract state via `nnx.eval_shape`, shardings from the parameters' logical axes;
   4. the latest complete checkpoint in `workdir/checkpoints` is restored onto those shardings
@@ -41,8 +41,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from regionclip_jax import config as config_lib
 from regionclip_jax import parallel
-from regionclip_jax.train import config_validation, optim, throughput
+from regionclip_jax.models import split as split_lib
+from regionclip_jax.train import optim, throughput
 from regionclip_jax.train import state as state_lib
 from regionclip_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from regionclip_jax.train.metrics import MetricWriter, Progress
@@ -102,7 +104,7 @@ def _top_module_grad_norms(grads: Any) -> dict[str, jax.Array]:
     """L2 norm of the gradient of every top-level module / variable (`visual`, `transformer`...)."""
     groups: dict[str, list[jax.Array]] = {}
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        top = optim.path_str(path[:1]) or "root"
+        top = split_lib.path_str(path[:1]) or "root"
         groups.setdefault(top, []).append(jnp.sum(jnp.square(g.astype(jnp.float32))))
     return {f"grad_norm/{k}": jnp.sqrt(sum(v)) for k, v in sorted(groups.items())}
 
@@ -119,7 +121,7 @@ def make_train_step(
         rng = jax.random.fold_in(state["rng"], step)
 
         def loss_fn(params):
-            model = state_lib.merge(graphdef, params, state["rest"])
+            model = split_lib.merge(graphdef, params, state["rest"])
             loss, metrics = task.loss(model, batch, rng, step)
             if nan_at > 0:  # debug: poison loss and gradients of update `nan_at` (NaN-guard test)
                 loss = loss * jnp.where(step + 1 == nan_at, jnp.nan, 1.0)
@@ -326,7 +328,7 @@ def train(
     """Trains `task` under `config` in `workdir`, resuming from its last checkpoint.
 
     Args:
-      config: the validated-here training config (config_validation.base_config schema).
+      config: the validated-here training config (config_lib.base_config schema).
       workdir: checkpoints, TensorBoard events and metrics.jsonl go here.
       task: the trainer (model, data, loss).
       stop_after: stop (with a checkpoint) after this global step even if total_steps is later
@@ -337,7 +339,7 @@ def train(
       TrainResult.
 
     Raises:
-      config_validation.ConfigError: before anything is compiled.
+      config_lib.ConfigError: before anything is compiled.
       NonFiniteError: the loss or a gradient became NaN/Inf (nothing is saved for that step).
       checkpointing.CheckpointMismatchError: the workdir's checkpoint was written by another
         model/optimizer config (checked from its metadata, before any array is read).
@@ -345,7 +347,7 @@ def train(
         (a damaged latest one is skipped with a warning while an older one restores).
     """
     t_start = time.perf_counter()
-    config_validation.validate(config, jax.device_count(), jax.process_count())
+    config_lib.validate(config, jax.device_count(), jax.process_count())
     avoid_cpu_multidevice_cache_hang()
     is_main = jax.process_index() == 0
     mesh = parallel.mesh_from_config(config)

@@ -1,7 +1,7 @@
 """Optimisers as config data: SGD momentum (detectron2 / RegionCLIP) or AdamW (CLIP), warmup +
 step learning-rate schedule, per-parameter gradient-norm clipping and freezing by regex.
 
-`config.optim` fields (see `config_validation.base_config`):
+`config.optim` fields (see `config_lib.base_config`):
   name: "sgd" (torch.optim.SGD semantics: weight decay added to the gradient, then momentum
     buffer `b = m b + g`, update `-lr b`) or "adamw" (decoupled weight decay, CLIP's choice).
   lr: base learning rate for the configured global batch size (RegionCLIP: 0.002 at batch 96;
@@ -33,22 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def path_str(path: Sequence[Any]) -> str:
-    """'/'-joined names of a pytree key path (dict keys, attributes, indices; `value` dropped)."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(str(k.name))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k).strip(".[]'\""))
-    while parts and parts[-1] in ("value", "raw_value"):
-        parts.pop()
-    return "/".join(parts)
+from regionclip_jax.models.split import path_str
 
 
 def param_paths(params: Any) -> Any:

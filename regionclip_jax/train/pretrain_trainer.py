@@ -43,15 +43,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from regionclip_jax import config as config_lib
+from regionclip_jax.data import inputs
 from regionclip_jax.data.pipeline import pretrain_batch_spec
 from regionclip_jax.losses.pretrain import pretrain_losses
+from regionclip_jax.models import split as split_lib
 from regionclip_jax.models.clip import CLIP, build_visual
+from regionclip_jax.models.layers import DTYPES
 from regionclip_jax.models.region import RegionEncoder, box_mask, global_boxes
-from regionclip_jax.train import clip_trainer, config_validation, optim
 from regionclip_jax.train import loop as loop_lib
+from regionclip_jax.train import optim
 from regionclip_jax.train import state as state_lib
-
-DTYPES = clip_trainer.DTYPES
 
 # Parameters the original never updates (spec §4.6), as regexes over '/'-joined paths; the
 # ResNet's norms are FrozenBN there.
@@ -138,7 +140,7 @@ class PretrainTask:
         self.concepts = list(concepts)
         if not self.concepts:
             raise ValueError("the concept pool is empty (config.pretrain.concepts)")
-        self.clip_config = config_validation.clip_config(config)
+        self.clip_config = config_lib.clip_config(config)
         if not self.clip_config.is_resnet:
             raise ValueError(
                 "mode 'pretrain' needs a ModifiedResNet CLIP (RegionCLIP's region head is res5 + "
@@ -158,7 +160,7 @@ class PretrainTask:
         return {"proposals": "proposals", "gt": "gt"}.get(self.source)
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
-        return clip_trainer.image_text_dataset(
+        return inputs.image_text_dataset(
             self.config,
             self.config.data.train,
             int(self.config.data.batch_size) // shard_count,
@@ -239,7 +241,7 @@ class PretrainTask:
         from regionclip_jax.convert.checkpoint import load_clip
 
         clip = load_clip(init_dir, dtype=self.dtype)
-        _, clip_params, clip_rest = state_lib.split_model(clip)
+        _, clip_params, clip_rest = split_lib.split_model(clip)
         self.init_weights = (clip_params, clip_rest)
 
     def initialize(self, graphdef: Any, state: dict[str, Any]) -> dict[str, Any]:
@@ -259,7 +261,7 @@ class PretrainTask:
             params["teacher"], params["student"]["visual"], "student"
         )
         rest["teacher"] = state_lib.like(rest["teacher"], rest["student"]["visual"], "student")
-        model = state_lib.merge(graphdef, params, rest)
+        model = split_lib.merge(graphdef, params, rest)
         emb = concept_embeddings(model.student, self.concepts, self.config.pretrain.templates)
         rest["concept_emb"] = jnp.array(emb, jnp.float32)
         rest["teacher_concept_emb"] = jnp.array(emb, jnp.float32)
@@ -297,8 +299,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
     """Region-text pretraining (`config.mode == 'pretrain'`)."""
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
     # Before any data is generated or parsed (`loop.train` validates again, with the data paths).
-    config_validation.validate(config, jax.device_count(), jax.process_count())
-    clip_trainer.prepare_shapesworld(config)
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    inputs.prepare_shapesworld(config)
     if config.pretrain.regions == "rpn":
         raise NotImplementedError(
             "config.pretrain.regions='rpn' (an RPN inside the pretraining step) is not wired; "

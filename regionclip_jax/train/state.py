@@ -24,32 +24,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from regionclip_jax import parallel
-
-
-def _is_var(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def pure(state: nnx.State) -> nnx.State:
-    """The same State with raw arrays instead of Variable objects as leaves."""
-    return jax.tree.map(lambda v: v.get_value(), state, is_leaf=_is_var)
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, pure params, pure rest) of `model` (concrete or abstract)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, pure(params), pure(rest)
-
-
-def merge(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.Module:
-    return nnx.merge(graphdef, params, rest)
+from regionclip_jax.models import split
 
 
 def host_model(graphdef: nnx.GraphDef, state: Any) -> nnx.Module:
     """The model of a (possibly sharded, multi-process) train state with whole NumPy arrays on
     this host. Collective: in a multi-process job every process must call it."""
     host = parallel.gather_to_host({"params": state["params"], "rest": state["rest"]})
-    return merge(graphdef, host["params"], host["rest"])
+    return split.merge(graphdef, host["params"], host["rest"])
 
 
 def abstract_train_state(
@@ -72,7 +54,7 @@ def abstract_train_state(
     graphdef, params_v, rest_v = nnx.split(abstract_model, nnx.Param, ...)
     params_sh = parallel.state_shardings(params_v, mesh, rules)
     rest_sh = parallel.state_shardings(rest_v, mesh, rules)
-    params, rest = pure(params_v), pure(rest_v)
+    params, rest = split.pure(params_v), split.pure(rest_v)
     optimizer = tx(params)
     opt_abs = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -102,16 +84,14 @@ def optimizer_state_shardings(opt_abs: Any, params: Any, params_sh: Any, default
     Path matching rather than `optax.tree_map_params`, which cannot follow the masked inner
     states of `optax.multi_transform` (frozen parameters).
     """
-    from regionclip_jax.train.optim import path_str
-
     by_path = {}
     for (path, leaf), sh in zip(
         jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(params_sh)
     ):
-        by_path[path_str(path)] = (tuple(leaf.shape), sh)
+        by_path[split.path_str(path)] = (tuple(leaf.shape), sh)
 
     def pick(path, leaf):
-        s = path_str(path)
+        s = split.path_str(path)
         parts = s.split("/")
         for i in range(len(parts)):  # longest suffix first
             hit = by_path.get("/".join(parts[i:]))
@@ -137,7 +117,7 @@ def init_train_state(
     def init():
         key = jax.random.PRNGKey(seed)
         model = build_model(nnx.Rngs(jax.random.fold_in(key, 0)))
-        _, params, rest = split_model(model)
+        _, params, rest = split.split_model(model)
         return {
             "params": params,
             "rest": rest,

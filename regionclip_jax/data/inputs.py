@@ -1,4 +1,10 @@
-"""Data of the detection trainers: COCO-format jsons -> shards, class lists, evaluation ids.
+"""The inputs of a training run, resolved from its config (the trainers' one input module).
+
+ShapesWorld (`prepare_shapesworld`): generated into `data.shapesworld.dir` on first use, and
+`data.train` / `data.val` pointed at it. Image-text pipelines (`image_text_dataset`): the pretraining
+pipeline with `config.data`'s settings, for modes `clip` and `pretrain`.
+
+Detection data (`prepare`, `training_dataset`, `evaluation_dataset`), for modes `detect` and `rpn`:
 
 `prepare(config, workdir)` resolves where a detection run reads from:
   - `data.shapesworld.dir`: ShapesWorld (generated there on first use); its categories carry
@@ -34,11 +40,86 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from regionclip_jax.data.convert_detection import AnnotationError
+from regionclip_jax.data import shapesworld
+from regionclip_jax.data.convert_detection import AnnotationError, convert_detection
+from regionclip_jax.data.detection_pipeline import make_detection_dataset, record_category_sets
+from regionclip_jax.data.ov_splits import category_split
+from regionclip_jax.data.pipeline import make_pretrain_dataset
+
+
+def prepare_shapesworld(config: ml_collections.ConfigDict) -> None:
+    """Generates ShapesWorld into `config.data.shapesworld.dir` if it is not there yet and points
+    `data.train` / `data.val` at it (in place; the config must be unlocked or have the keys)."""
+    sw = config.data.shapesworld
+    if not sw.dir:
+        return
+    if not os.path.exists(os.path.join(sw.dir, "shapesworld.json")):
+        if jax.process_index() == 0:
+            print(f"generating ShapesWorld ({sw.num_train} + {sw.num_val} images) in {sw.dir}")
+            shapesworld.generate(
+                sw.dir,
+                num_train=int(sw.num_train),
+                num_val=int(sw.num_val),
+                seed=int(sw.seed),
+                image_size=int(sw.image_size),
+                min_objects=int(sw.min_objects),
+                max_objects=int(sw.max_objects),
+                small_size=tuple(float(x) for x in sw.small_size),
+                large_size=tuple(float(x) for x in sw.large_size),
+                color_mention=float(sw.color_mention),
+                size_mention=float(sw.size_mention),
+                max_mentions=int(sw.get("max_mentions", 3)),
+                train_novel_weight=float(sw.get("train_novel_weight", 1.0)),
+            )
+        # Multi-host: other processes must wait for process 0 (shared file system assumed).
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("shapesworld_generated")
+    if not config.data.train:
+        config.data.train = os.path.join(sw.dir, "train")
+    if not config.data.val and int(sw.num_val) > 0:
+        config.data.val = os.path.join(sw.dir, "val")
+
+
+def image_text_dataset(
+    config: ml_collections.ConfigDict,
+    path: str,
+    batch: int,
+    shard_index: int,
+    shard_count: int,
+    *,
+    train: bool,
+    boxes: str | None = None,
+    max_boxes: int = 100,
+) -> grain.IterDataset:
+    """The pretraining pipeline with `config.data`'s resize/canvas/caption settings.
+
+    train=True: shuffled, endless, workers and flips as configured; False: one ordered epoch.
+    """
+    d = config.data
+    return make_pretrain_dataset(
+        path,
+        batch_size=batch,
+        canvas=tuple(int(x) for x in d.canvas),
+        min_size=int(d.min_size),
+        max_size=int(d.max_size) if d.max_size else None,
+        boxes=boxes,
+        max_boxes=max_boxes,
+        seed=int(config.seed),
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_workers=int(d.num_workers) if train else 0,
+        flip=bool(d.flip) and train,
+        shuffle=train,
+        num_epochs=None if train else 1,
+        drop_remainder=True,
+        context_length=int(d.context_length),
+    )
 
 
 @dataclasses.dataclass
@@ -105,8 +186,6 @@ def _read_json(path: str, what: str) -> dict:
 
 def split_categories(categories: list[dict], split: str) -> list[dict]:
     """Categories (id order) with their "split"; "excluded" ones (COCO's 15) left out."""
-    from regionclip_jax.data.ov_splits import category_split
-
     if split:
         sides = category_split(split, categories)
     else:
@@ -121,8 +200,6 @@ def split_categories(categories: list[dict], split: str) -> list[dict]:
 def _convert(
     json_path: str, image_root: str, out_dir: str, *, split: str, keep: str, empty: str
 ) -> None:
-    from regionclip_jax.data.convert_detection import convert_detection
-
     manifest = os.path.join(out_dir, "manifest.json")
     stamp = (
         f"{os.path.abspath(json_path)}:{os.path.getsize(json_path)}:{os.path.getmtime(json_path)}"
@@ -153,19 +230,15 @@ def _convert(
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> DetectionData:
     """Resolves (and if needed generates / converts) the data of a detection run."""
-    from regionclip_jax.train import clip_trainer
-
     d, t = config.data, config.detect
     split = str(t.split)
     if d.shapesworld.dir:
-        clip_trainer.prepare_shapesworld(config)
+        prepare_shapesworld(config)
         root = str(d.shapesworld.dir)
         train, val = str(d.train), str(d.val)
         val_json = str(t.val_json) or os.path.join(root, "annotations", "instances_val.json")
@@ -217,8 +290,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> DetectionData:
 
 def check_training_boxes(source: Any, category_map: Mapping[int, int], where: str) -> int:
     """Number of training records with a box of a train class; raises when there is none."""
-    from regionclip_jax.data.detection_pipeline import record_category_sets
-
     sets = record_category_sets(source, category_map)
     n = sum(1 for s in sets if len(s))
     if n == 0:
@@ -309,8 +380,6 @@ def training_dataset(
     data / detect settings: multi-scale `detect.train_sizes`, flips, `category_map` labels, and
     with `detect.mask_on` the GT instance masks (`gt_masks`, `mask_valid`) at
     `detect.mask_scale` of the canvas."""
-    from regionclip_jax.data.detection_pipeline import make_detection_dataset
-
     d, t = config.data, config.detect
     mask_scale = float(t.get("mask_scale", 0.25)) if bool(t.mask_on) else None
     return make_detection_dataset(
@@ -342,8 +411,6 @@ def evaluation_dataset(
 ):
     """One ordered epoch of uint8 evaluation batches of `detect.eval_batch_size` at
     `detect.test_size`, no flips; the last batch may be short (see `pad_batch`)."""
-    from regionclip_jax.data.detection_pipeline import make_detection_dataset
-
     d, t = config.data, config.detect
     return make_detection_dataset(
         source=source,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from regionclip_jax.convert.rpn import load_offline_rpn
 from regionclip_jax.data import transforms as T
 from regionclip_jax.data.schema import RecordError, decode_record
 from regionclip_jax.data.shards import (
@@ -48,6 +49,7 @@ from regionclip_jax.data.shards import (
     ShardWriter,
     load_manifest,
 )
+from regionclip_jax.inference.preprocess import default_canvas
 
 # The pretraining settings of the original's offline RPN (spec §1.2, §4.6).
 PRETRAIN_TOPK = 300
@@ -104,8 +106,6 @@ def _prepare(
     canvas: tuple[int, int] | None,
 ) -> _Item:
     """Decodes and resizes one record's image onto its canvas; raises on an undecodable image."""
-    from regionclip_jax.inference.preprocess import default_canvas
-
     image = T.decode_image(record["image"])
     h, w = image.shape[:2]
     new_h, new_w = T.resized_size(h, w, min_size, max_size)
@@ -226,9 +226,7 @@ def add_proposals(
             f"{os.path.join(out_dir, MANIFEST_NAME)} exists: shards were already written there "
             "(pass overwrite=True / --overwrite to replace them)"
         )
-    from regionclip_jax.train import rpn_trainer  # loads jax/flax only when there is work
-
-    spec, propose = rpn_trainer.load_offline_rpn(
+    spec, propose = load_offline_rpn(
         rpn, pre_nms_topk=pre_nms_topk, post_nms_topk=topk, nms_thresh=nms_thresh
     )
     if canvas is not None and spec.get("kind") == "fpn" and (canvas[0] % 32 or canvas[1] % 32):
