@@ -136,6 +136,7 @@ def run(
     from regionclip_jax.convert.checkpoint import load_clip
     from regionclip_jax.data import shapesworld
     from regionclip_jax.eval import regions as region_eval
+    from regionclip_jax.text.embeddings import clip_text_embeddings
     from regionclip_jax.train import clip_trainer, pretrain_trainer
 
     out = Path(out_dir).resolve()
@@ -174,7 +175,7 @@ def run(
         teacher = load_clip(teacher_ckpt)
         model = split_lib.merge(result.graphdef, result.state["params"], result.state["rest"])
         names = list(shapesworld.SHAPES)
-        class_emb = pretrain_trainer.concept_embeddings(teacher, names, "ensemble")
+        class_emb = clip_text_embeddings(teacher, names, "ensemble")
         cats = json.load(open(os.path.join(scenes, "shapesworld.json")))["categories"]
         category_map = {c["id"]: names.index(c["name"]) for c in cats}
         kw = dict(canvas=tuple(pre_cfg.data.canvas), category_map=category_map)

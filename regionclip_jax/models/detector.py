@@ -9,7 +9,7 @@
     res5 (fg RoIs) --> mask head (LVIS, optional): deconv 2x2 s2 -> 256, ReLU, 1x1 -> 1 channel
 
 The RoI path is `region.RegionEncoder`'s (this class extends it), the class embeddings are
-frozen state (`ClassEmbeddings`, not `nnx.Param`): `train_embeddings [K_train, D]` in training,
+frozen state (`Frozen`, not `nnx.Param`): `train_embeddings [K_train, D]` in training,
 `test_embeddings [K_test, D]` at inference (the original's `TEXT_EMB_PATH` /
 `OPENSET_TEST_TEXT_EMB_PATH`); the caller fills both. The background embedding is all-zero and
 frozen in the original, so its logit is the constant 0 (`losses.logits_with_background`).
@@ -65,7 +65,7 @@ from regionclip_jax.losses.detection import (
     fast_rcnn_classification_loss,
     mask_rcnn_loss,
 )
-from regionclip_jax.models.layers import Dtype, linear
+from regionclip_jax.models.layers import Dtype, Frozen, linear
 from regionclip_jax.models.region import RegionEncoder, box_mask
 from regionclip_jax.models.resnet import MAP_AXES, ModifiedResNet
 from regionclip_jax.models.vit import VisionTransformer
@@ -77,10 +77,6 @@ from regionclip_jax.parallel import shard_act
 
 ROI_AXES = ("act_batch", None, None)
 FEAT_AXES = ("act_batch", None, "act_embed")
-
-
-class ClassEmbeddings(nnx.Variable):
-    """Frozen `[K, D]` class text embeddings (un-normalised): in the state, never trained."""
 
 
 class MaskHead(nnx.Module):
@@ -190,8 +186,8 @@ class OVDFastRCNN(RegionEncoder):
     Attributes:
       visual: the CLIP image tower (`ModifiedResNet`; a `VisionTransformer` works for the box
         head, as RegionCLIP's zero-shot branch, but has no mask head and no frozen stages).
-      train_embeddings: `ClassEmbeddings` float32 `[K_train, D]`.
-      test_embeddings: `ClassEmbeddings` float32 `[K_test, D]`.
+      train_embeddings: `Frozen` float32 `[K_train, D]`.
+      test_embeddings: `Frozen` float32 `[K_test, D]`.
       bbox_pred: Linear(D, 4), N(0, 0.001) kernel, zero bias, on the un-normalised feature.
       mask_head: `MaskHead` or None.
       temperature: τ (CLSS_TEMP 0.01).
@@ -216,8 +212,8 @@ class OVDFastRCNN(RegionEncoder):
         self.num_train_classes = int(num_train_classes)
         self.num_test_classes = int(num_test_classes)
         self.temperature = float(temperature)
-        self.train_embeddings = ClassEmbeddings(jnp.zeros((num_train_classes, d), jnp.float32))
-        self.test_embeddings = ClassEmbeddings(jnp.zeros((num_test_classes, d), jnp.float32))
+        self.train_embeddings = Frozen(jnp.zeros((num_train_classes, d), jnp.float32))
+        self.test_embeddings = Frozen(jnp.zeros((num_test_classes, d), jnp.float32))
         self.bbox_pred = linear(
             d,
             4,

@@ -23,6 +23,12 @@ Dtype = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Initializer = Any
 
+
+class Frozen(nnx.Variable):
+    """A constant array carried in the model state (`rest`, not `nnx.Param`): checkpointed and
+    sharded with the model, never trained (class / concept text embeddings)."""
+
+
 CONV_AXES = ("kernel", "kernel", "conv_in", "conv_out")
 TOKEN_AXES = ("act_batch", "act_len", "act_embed")
 HEAD_AXES = ("act_batch", "act_len", "act_heads", None)

@@ -8,7 +8,7 @@ Python graph traversal happens at trace time only. `path_str` names a leaf of su
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -50,3 +50,31 @@ def path_str(path: Sequence[Any]) -> str:
     while parts and parts[-1] in ("value", "raw_value"):
         parts.pop()
     return "/".join(parts)
+
+
+class SplitJit:
+    """`fn(module, *args)` compiled once as a jitted function of (state, *args).
+
+    The module is split once (`nnx.split`: graph + state of every variable); each call passes the
+    state as a jit argument (not a baked-in constant, so the weights are not copied into the
+    program) and merges it back inside the trace, so no Python graph traversal runs per call. jit's
+    cache keys on the argument shapes: one program per input shape.
+
+      encode = SplitJit(clip, lambda m, ids: m.encode_text(ids))
+      emb = encode(ids)            # int32 [B, L] -> float [B, D]
+
+    Attributes:
+      graphdef, state: the split module (`state` may be replaced, e.g. moved to a device).
+    """
+
+    def __init__(self, module: nnx.Module, fn: Callable[..., Any]):
+        self.graphdef, self.state = nnx.split(module)
+        graphdef = self.graphdef
+
+        def call(state, *args):
+            return fn(nnx.merge(graphdef, state), *args)
+
+        self.jitted = jax.jit(call)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.jitted(self.state, *args)

@@ -1,6 +1,6 @@
 """regionclip_jax.text: CLIP tokenizer, RegionCLIP prompt templates, prompt-ensemble embeddings."""
 
-from regionclip_jax.text.embeddings import prompt_ensemble_embeddings
+from regionclip_jax.text.embeddings import clip_text_embeddings, prompt_ensemble_embeddings
 from regionclip_jax.text.templates import (
     TEMPLATES,
     clean_class_name,
@@ -18,6 +18,7 @@ __all__ = [
     "clean_class_name",
     "clean_lvis_name",
     "clean_text",
+    "clip_text_embeddings",
     "expand_templates",
     "get_prompt_templates",
     "prompt_ensemble_embeddings",

@@ -6,14 +6,21 @@ L2-normalised before the mean and the mean is NOT normalised: consumers (the det
 the pretraining losses) normalise at use time. `normalize_prompts=True` gives the other common
 recipe (normalise each prompt, mean, normalise again: OpenAI CLIP's zero-shot classifier and an
 earlier revision of RegionCLIP's script).
+
+`clip_text_embeddings(clip, names, templates)` is the one way from class names to embeddings with a
+CLIP model (pretraining concepts, detection classes, the recognizer's vocabularies, the demo);
+`prompt_ensemble_embeddings(encode_text, names)` is the same with any text encoder function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
+from regionclip_jax.models.split import SplitJit
 from regionclip_jax.text.templates import TEMPLATES, expand_templates
 from regionclip_jax.text.tokenizer import CONTEXT_LENGTH, Tokenizer, TruncateMode
 
@@ -159,3 +166,47 @@ def prompt_ensemble_embeddings(
     if normalize_prompts:
         mean = _l2_normalize(mean)
     return mean.astype(np.float32)
+
+
+# `templates` by name: RegionCLIP's 81-prompt ensemble, or CLIP's single prompt.
+NAMED_TEMPLATES = {"ensemble": TEMPLATES, "single": ("a photo of a {}.",)}
+
+
+def clip_text_embeddings(
+    clip: Any,
+    names: Sequence[str | Sequence[str]],
+    templates: str | Sequence[str] = "ensemble",
+    *,
+    encode_text: Callable | None = None,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """Prompt-ensemble embeddings of class names from a CLIP model's text tower.
+
+    Args:
+      clip: a `models.clip.CLIP` (its `encode_text` and `config.context_length` are used).
+      names: C class names (or lists of synonyms), as `prompt_ensemble_embeddings` takes them.
+      templates: "ensemble" (RegionCLIP's 81 prompts), "single" ("a photo of a {}."), or the
+        templates themselves.
+      encode_text: the compiled text tower to use (default: `clip.encode_text` compiled once with
+        `models.split.SplitJit`); pass one to reuse its compilation across calls.
+      show_progress: a progress bar over the prompts.
+
+    Returns:
+      float32 `[C, D]` un-normalised mean embeddings (normalise at use, as the original).
+    """
+    if isinstance(templates, str):
+        if templates not in NAMED_TEMPLATES:
+            raise ValueError(
+                f"templates must be one of {sorted(NAMED_TEMPLATES)}, got {templates!r}"
+            )
+        templates = NAMED_TEMPLATES[templates]
+    if encode_text is None:
+        encode_text = SplitJit(clip, lambda m, ids: m.encode_text(ids).astype(jnp.float32))
+    return prompt_ensemble_embeddings(
+        encode_text,
+        names,
+        templates=templates,
+        context_length=clip.config.context_length,
+        show_progress=show_progress,
+        jit=False,
+    )

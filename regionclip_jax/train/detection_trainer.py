@@ -47,6 +47,7 @@ from regionclip_jax.eval import detection as detection_eval
 from regionclip_jax.models import split as split_lib
 from regionclip_jax.models.layers import DTYPES
 from regionclip_jax.models.normalize import clip_normalize
+from regionclip_jax.text.embeddings import clip_text_embeddings
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import optim
 from regionclip_jax.train import state as state_lib
@@ -286,15 +287,13 @@ def class_embeddings(
                 f"[{len(names)}, D] for the {len(names)} {which} classes"
             )
         return emb
-    from regionclip_jax.train.pretrain_trainer import concept_embeddings
-
     if clip is None:
         raise ValueError(
             f"detect.{which}_embeddings is empty and model.init is not set: the class "
             "embeddings need a CLIP text tower or a [K, D] file"
         )
 
-    return np.asarray(concept_embeddings(clip, names, templates), np.float32)
+    return clip_text_embeddings(clip, names, templates)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ One step, for a batch of images `[B, Hc, Wc, 3]` with captions:
 
 Trainable: the student's image tower from layer2 on (stem + layer1 frozen, detectron2
 FREEZE_AT = 2, as the original). Frozen: teacher tower, text tower, concept embeddings (carried
-in the train state as `Buffer`s, so they are checkpointed but never updated), logit_scale.
+in the train state as `Frozen`s, so they are checkpointed but never updated), logit_scale.
 
 Initialisation (`model.init`): a CLIP checkpoint directory written by `regionclip_jax.save_clip`
 (`regionclip-jax convert` for OpenAI weights, or `<clip workdir>/export` from mode `clip`); the
@@ -40,7 +40,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from regionclip_jax import config as config_lib
@@ -49,8 +48,9 @@ from regionclip_jax.data.pipeline import pretrain_batch_spec
 from regionclip_jax.losses.pretrain import pretrain_losses
 from regionclip_jax.models import split as split_lib
 from regionclip_jax.models.clip import CLIP, build_visual
-from regionclip_jax.models.layers import DTYPES
+from regionclip_jax.models.layers import DTYPES, Frozen
 from regionclip_jax.models.region import RegionEncoder, box_mask, global_boxes
+from regionclip_jax.text.embeddings import clip_text_embeddings
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import optim
 from regionclip_jax.train import state as state_lib
@@ -69,26 +69,22 @@ def frozen_patterns(freeze_at: int) -> tuple[str, ...]:
     return ALWAYS_FROZEN + optim.resnet_freeze_patterns("student/visual", freeze_at)
 
 
-class Buffer(nnx.Variable):
-    """A constant array carried in the train state (`rest`): checkpointed, never trained."""
-
-
 class PretrainModel(nnx.Module):
     """Student CLIP (image + frozen text tower), frozen teacher image tower, concept pool.
 
     Attributes:
       student: `CLIP`; its image tower is trained.
       teacher: image tower of the same architecture, frozen.
-      concept_emb: Buffer float32 `[C, E]` concept embeddings (un-normalised), student pool.
-      teacher_concept_emb: Buffer float32 `[C, E]`, the teacher's pool (same values by default).
+      concept_emb: Frozen float32 `[C, E]` concept embeddings (un-normalised), student pool.
+      teacher_concept_emb: Frozen float32 `[C, E]`, the teacher's pool (same values by default).
     """
 
     def __init__(self, clip_config, num_concepts: int, *, dtype: Any, rngs: nnx.Rngs):
         self.student = CLIP(clip_config, dtype=dtype, rngs=rngs)
         self.teacher = build_visual(clip_config, dtype=dtype, rngs=rngs)
         shape = (num_concepts, clip_config.embed_dim)
-        self.concept_emb = Buffer(jnp.zeros(shape, jnp.float32))
-        self.teacher_concept_emb = Buffer(jnp.zeros(shape, jnp.float32))
+        self.concept_emb = Frozen(jnp.zeros(shape, jnp.float32))
+        self.teacher_concept_emb = Frozen(jnp.zeros(shape, jnp.float32))
 
 
 def random_boxes(
@@ -262,37 +258,11 @@ class PretrainTask:
         )
         rest["teacher"] = state_lib.like(rest["teacher"], rest["student"]["visual"], "student")
         model = split_lib.merge(graphdef, params, rest)
-        emb = concept_embeddings(model.student, self.concepts, self.config.pretrain.templates)
+        emb = clip_text_embeddings(model.student, self.concepts, self.config.pretrain.templates)
         rest["concept_emb"] = jnp.array(emb, jnp.float32)
         rest["teacher_concept_emb"] = jnp.array(emb, jnp.float32)
         print(f"concept pool: {len(self.concepts)} concepts ({', '.join(self.concepts[:8])}...)")
         return dict(state, params=params, rest=rest)
-
-
-def concept_embeddings(clip: CLIP, names: list[str], templates: str) -> np.ndarray:
-    """`[C, E]` un-normalised concept embeddings: the 81-template ensemble ("ensemble") or the
-    single prompt "a photo of a {}." ("single")."""
-    from regionclip_jax.text import prompt_ensemble_embeddings
-
-    kw = {} if templates == "ensemble" else {"templates": ("a photo of a {}.",)}
-    ctx = clip.config.context_length
-    return prompt_ensemble_embeddings(
-        _text_fn(clip),
-        names,
-        context_length=ctx,
-        jit=False,
-        **kw,
-    )
-
-
-def _text_fn(clip: CLIP):
-    graphdef, st = nnx.split(clip)
-
-    @jax.jit
-    def encode(st, ids):
-        return nnx.merge(graphdef, st).encode_text(ids)
-
-    return lambda ids: encode(st, ids)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
