@@ -24,7 +24,7 @@ LATEST := PYTHON="$(PYTHON312)" VENV=.venv-latest REQS=requirements-latest.txt L
 SEEDS ?= 0 1 2
 
 .PHONY: setup demo test test-latest lint format ci clean aot-setup bump-latest lock audit-learning \
-	audit-learning-latest
+	audit-learning-latest check-install
 
 $(VENV)/.installed: $(REQS) $(LOCK) requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,25 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m regionclip_jax.cli demo
 
+# lint-imports checks .importlinter: the package's layers (README "Architecture") and no import cycles.
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 test: lint
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+# A non-editable install (`pip install .`) into a fresh venv, then the demo from outside the checkout
+# (runlocal size: minutes on a 2-core CPU): configs/ must travel inside the wheel.
+INSTALL_CHECK ?= /tmp/regionclip_jax_install_check
+check-install:
+	rm -rf $(INSTALL_CHECK) && $(PYTHON) -m venv $(INSTALL_CHECK)/venv
+	$(INSTALL_CHECK)/venv/bin/python $(PIP) install --quiet -r $(REQS) $(if $(LOCK),-c $(LOCK))
+	$(INSTALL_CHECK)/venv/bin/python $(PIP) install --quiet --no-deps .
+	rm -rf build
+	cd $(INSTALL_CHECK) && venv/bin/regionclip-jax demo --help > /dev/null \
+	  && venv/bin/regionclip-jax demo --runlocal --out demo
 
 # The second leg checks that the newest registry stack imports, compiles and computes the same
 # results; the multi-process tests (several JAX processes over gloo), the `slow` end-to-end runs and the

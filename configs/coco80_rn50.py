@@ -15,20 +15,11 @@ Variants: runlocal, batch=N, init=DIR, rpn=PATH, root=DIR (as configs/ovd_coco_r
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def load_common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("regionclip_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from regionclip_jax.configs import common
 
 
 def get_config(arg: str | None = None):
-    c = load_common().paper_detection_config(
+    c = common.paper_detection_config(
         arg, task="coco", name="rn50", preset="RN50", pooler_resolution=14, train_classes="all"
     )
     with c.unlocked():

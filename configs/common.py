@@ -1,7 +1,8 @@
 """Helpers shared by the experiment configs (big_vision style `get_config(arg)`).
 
-Config files load this module by path (`load_common()` in each file) so they work whatever the
-current directory is: ml_collections imports config files by file path, not as a package.
+`configs/` is installed as the package `regionclip_jax.configs` (pyproject.toml `package-dir`), so
+every config file imports this module (`from regionclip_jax.configs import common`) whether
+ml_collections loads the file by path (`--config=configs/x.py`) or the demo imports it.
 """
 
 from __future__ import annotations
@@ -313,20 +314,3 @@ def pop_args(arg: str | None, **defaults) -> tuple[ml_collections.ConfigDict, st
     for item in filter(None, (s.strip() for s in (arg or "").split(","))):
         (mine if item.partition("=")[0] in defaults else rest).append(item)
     return parse_arg(",".join(mine), **defaults), ",".join(rest)
-
-
-def load_config_module(name: str):
-    """Another config file of this directory, as a module."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"regionclip_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_config_file(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of another config file of this directory."""
-    return load_config_module(name).get_config(arg)

@@ -27,20 +27,10 @@ batch=N, runlocal.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def load_common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("regionclip_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from regionclip_jax.configs import common
 
 
 def get_config(arg: str | None = None):
-    common = load_common()
     a, rest = common.pop_args(
         arg,
         json="",

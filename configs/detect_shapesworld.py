@@ -74,22 +74,10 @@ embeddings (the zero-shot protocol of spec §6.2: NMS 0.5, proposals used as box
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def load_common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("regionclip_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from regionclip_jax.configs import common, pretrain_shapesworld, rpn_shapesworld
 
 
 def get_config(arg: str | None = None):
-    common = load_common()
-    rpn_module = common.load_config_module("rpn_shapesworld")
-    pretrain_module = common.load_config_module("pretrain_shapesworld")
     a = common.parse_arg(
         arg,
         runlocal=False,
@@ -99,14 +87,14 @@ def get_config(arg: str | None = None):
         steps=400,
         batch=16,
         lr=0.002,
-        tau=pretrain_module.TEMPERATURE,
+        tau=pretrain_shapesworld.TEMPERATURE,
         zeroshot=False,
-        novel_weight=rpn_module.COCO_LIKE_NOVEL_WEIGHT,
+        novel_weight=rpn_shapesworld.COCO_LIKE_NOVEL_WEIGHT,
         masks=1,
     )
-    rpn_cfg = common.load_config_file("rpn_shapesworld", "")
+    rpn_cfg = rpn_shapesworld.get_config("")
     c = common.training_config("detect")
-    rpn_module._shapesworld_detection_data(c, common, a)
+    rpn_shapesworld.shapesworld_detection_data(c, a)
     c.model.init = a.init
     t = c.detect
     t.task = "coco"
@@ -139,7 +127,7 @@ def get_config(arg: str | None = None):
         t.soft_nms = False
         t.nms_thresh = 0.5
     if a.runlocal:
-        rpn_module._shapesworld_runlocal(c, common, a)
+        rpn_shapesworld.shapesworld_runlocal(c, a)
         t.rpn_init = "random"
         t.rois_per_image = 16
         t.rpn_pre_nms_topk = 100

@@ -30,19 +30,10 @@ Variants (`--config=configs/ovd_coco_rn50x4.py:ARGS`):
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def load_common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("regionclip_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from regionclip_jax.configs import common
 
 
 def get_config(arg: str | None = None):
-    return load_common().paper_detection_config(
+    return common.paper_detection_config(
         arg, task="coco", name="rn50x4", preset="RN50x4", pooler_resolution=18
     )

@@ -43,8 +43,7 @@ student 60.0% (+5.3); the sweep was not rerun.
 
 from __future__ import annotations
 
-import importlib.util
-import os
+from regionclip_jax.configs import common
 
 # The ShapesWorld τ, used "everywhere" as the paper uses 0.01 everywhere (pretraining, fine-tuning,
 # zero-shot): 0.05, near the teacher CLIP's learned temperature (1 / exp(logit_scale) = 0.057 for the
@@ -53,16 +52,7 @@ import os
 TEMPERATURE = 0.05
 
 
-def load_common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("regionclip_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None):
-    common = load_common()
     a = common.parse_arg(
         arg,
         runlocal=False,

@@ -22,20 +22,10 @@ Variants (`:ARGS`): teacher=DIR, data=DIR, steps=N, batch=N, novel_weight=W, run
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def load_common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("regionclip_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from regionclip_jax.configs import common, pretrain_shapesworld
 
 
 def get_config(arg: str | None = None):
-    common = load_common()
     a = common.parse_arg(
         arg,
         runlocal=False,
@@ -46,7 +36,7 @@ def get_config(arg: str | None = None):
         novel_weight=COCO_LIKE_NOVEL_WEIGHT,
     )
     c = common.training_config("rpn")
-    _shapesworld_detection_data(c, common, a)
+    shapesworld_detection_data(c, a)
     c.model.init = a.teacher
     c.rpn.kind = "clip"
     c.rpn.anchor_sizes = (24, 32, 48, 64, 96)
@@ -61,7 +51,7 @@ def get_config(arg: str | None = None):
     c.optim.decay_steps = (int(a.steps * 0.8),)
     c.optim.clip_grad_norm = 5.0
     if a.runlocal:
-        _shapesworld_runlocal(c, common, a)
+        shapesworld_runlocal(c, a)
     c.lock()
     return c
 
@@ -72,7 +62,7 @@ def get_config(arg: str | None = None):
 COCO_LIKE_NOVEL_WEIGHT = 7 / 18
 
 
-def _shapesworld_detection_data(c, common, a):
+def shapesworld_detection_data(c, a):
     """Detection data: the demo's cluttered scenes (configs/pretrain_shapesworld.py), the training
     split drawn with novel shapes at `a.novel_weight` (ShapesWorldConfig.train_novel_weight).
 
@@ -80,7 +70,7 @@ def _shapesworld_detection_data(c, common, a):
     pixel for pixel. With weight 1 the demo's own scenes are used; otherwise a sibling directory
     named by the weight is generated on first use.
     """
-    pre = common.load_config_file("pretrain_shapesworld", f"data={a.data}")
+    pre = pretrain_shapesworld.get_config(f"data={a.data}")
     c.seed = 0
     c.total_steps = a.steps
     c.log_every = 25
@@ -105,7 +95,8 @@ def _shapesworld_detection_data(c, common, a):
     t.rpn_nms_thresh = 0.7
 
 
-def _shapesworld_runlocal(c, common, a):
+def shapesworld_runlocal(c, a):
+    """The `runlocal` variant of the ShapesWorld RPN and detection configs (random tiny CLIP)."""
     c.model.init = ""
     c.model.overrides = common.tiny_clip_model(resolution=64)
     c.total_steps = 4

@@ -6,6 +6,8 @@ initialisation) for the command-line tools:
   - `tokenize(texts, context_length=77) -> int32[N, 77]`: CLIP BPE tokens.
   - `load_clip(directory) -> CLIP`: a converted checkpoint (see `regionclip-jax convert`).
   - `CLIP`: the two-tower model (`regionclip_jax.models.clip.CLIP`).
+
+The packages and the order in which they may import one another: README "Architecture".
 """
 
 from __future__ import annotations

@@ -182,7 +182,7 @@ def _init_random_arguments(p: argparse.ArgumentParser) -> None:
 )
 def _init_random(args: argparse.Namespace) -> int:
     from regionclip_jax.convert.checkpoint import check_destination, save_clip
-    from regionclip_jax.inference.notebook import random_clip
+    from regionclip_jax.inference.random_model import random_clip
     from regionclip_jax.models.presets import get_preset
 
     check_destination(args.output, overwrite=args.overwrite)
@@ -309,12 +309,18 @@ _register_inference_commands()
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes")
-    p.add_argument("--teacher-steps", type=int, default=1000, help="image-level CLIP steps")
-    p.add_argument("--student-steps", type=int, default=600, help="region pretraining steps")
-    p.add_argument("--rpn-steps", type=int, default=300, help="proposal network steps")
-    p.add_argument("--detect-steps", type=int, default=400, help="OVD fine-tuning steps (each)")
+    p.add_argument("--teacher-steps", type=int, help="image-level CLIP steps (1000; 4 runlocal)")
+    p.add_argument("--student-steps", type=int, help="region pretraining steps (600; 4 runlocal)")
+    p.add_argument("--rpn-steps", type=int, help="proposal network steps (300; 4 runlocal)")
+    p.add_argument("--detect-steps", type=int, help="OVD fine-tuning steps, each (400; 4 runlocal)")
     p.add_argument(
         "--skip-detection", action="store_true", help="stop after the region recognition table"
+    )
+    p.add_argument(
+        "--runlocal",
+        action="store_true",
+        help="smoke-test size: 32 + 8 images, 4 steps per stage (minutes on a CPU; the figures "
+        "mean nothing)",
     )
 
 
@@ -328,7 +334,7 @@ def _demo(args: argparse.Namespace) -> int:
     from regionclip_jax import demo
 
     for name in ("teacher_steps", "student_steps", "rpn_steps", "detect_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     demo.run(
         args.out,
@@ -337,6 +343,7 @@ def _demo(args: argparse.Namespace) -> int:
         rpn_steps=args.rpn_steps,
         detect_steps=args.detect_steps,
         detection=not args.skip_detection,
+        runlocal=args.runlocal,
     )
     return 0
 

@@ -21,6 +21,10 @@
 The claims under test are the paper's: region pretraining makes region recognition much better
 than the image-level CLIP it started from, and it transfers to detection of novel classes. Every stage resumes: running the demo again reuses
 finished stages (delete the output directory to start over).
+
+`run(..., runlocal=True)` runs every stage at smoke-test size (`_shrink`: 32 + 8 images, 4 steps
+each; a few minutes on a 2-core CPU): a check that an install works end to end, whose figures mean
+nothing.
 """
 
 from __future__ import annotations
@@ -32,9 +36,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from regionclip_jax.models import split as split_lib
+import jax
+from PIL import Image, ImageDraw, ImageFont
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from regionclip_jax.configs import (
+    clip_shapesworld,
+    detect_shapesworld,
+    pretrain_shapesworld,
+    rpn_shapesworld,
+)
+from regionclip_jax.convert.checkpoint import load_clip
+from regionclip_jax.data import shapesworld
+from regionclip_jax.eval import regions as region_eval
+from regionclip_jax.models import split as split_lib
+from regionclip_jax.text.embeddings import clip_text_embeddings
+from regionclip_jax.train import clip_trainer, detection_trainer, pretrain_trainer, rpn_trainer
+
+# The stages' training steps: the demo's (`make demo`) and the smoke test's (`--runlocal`).
+STEPS = dict(teacher_steps=1000, student_steps=600, rpn_steps=300, detect_steps=400)
+RUNLOCAL_STEPS = dict(teacher_steps=4, student_steps=4, rpn_steps=4, detect_steps=4)
 
 
 @contextmanager
@@ -46,26 +66,34 @@ def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     print(f"== {name}: {timings[name]:.0f} s", flush=True)
 
 
-def load_config(name: str, arg: str):
-    """`configs/<name>.py` `get_config(arg)` (the same files `regionclip_jax.main` takes)."""
-    import importlib.util
+def load_config(module, arg: str, *, runlocal: bool = False):
+    """`module.get_config(arg)` of a ShapesWorld config (the file `regionclip_jax.main` takes as
+    `--config=configs/<name>.py`), at smoke-test size with `runlocal` (`_shrink`)."""
+    cfg = module.get_config(arg)
+    if runlocal:
+        _shrink(cfg)
+    return cfg
 
-    path = CONFIGS / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the demo from a checkout of the repository")
-    spec = importlib.util.spec_from_file_location(f"demo_cfg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+
+def _shrink(cfg) -> None:
+    """The demo's `--runlocal` size, in place: 32 + 8 generated images, batch 4, every stage a few
+    steps (the step counts come in through the config args). The same stages, configs and code
+    paths as the demo, to check an install end to end on a CPU in minutes; the figures it prints
+    mean nothing."""
+    sw = cfg.data.shapesworld
+    sw.num_train, sw.num_val = 32, 8
+    cfg.data.batch_size = 4
+    cfg.log_every = 1
+    cfg.optim.warmup_steps = 1
+    if cfg.mode == "pretrain":
+        cfg.pretrain.concept_min_count = 1  # a concept pool from 32 captions
+    if cfg.mode in ("rpn", "detect"):
+        cfg.detect.eval_batch_size = 4
 
 
 def draw_comparison(scenes_dir: str, preds: dict, out: str, num_images: int = 6) -> None:
     """Picture: for `num_images` held-out scenes, teacher labels (top) and student labels
     (bottom) on the ground-truth boxes; green = right, red = wrong."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from regionclip_jax.data import shapesworld
-
     teacher, student = preds["teacher"], preds["student"]
     images = sorted(set(teacher["image"].tolist()))[:num_images]
     scale = 3
@@ -108,8 +136,6 @@ def draw_comparison(scenes_dir: str, preds: dict, out: str, num_images: int = 6)
 
 
 def _scene_config(scenes_dir: str):
-    from regionclip_jax.data import shapesworld
-
     with open(os.path.join(scenes_dir, "shapesworld.json")) as f:
         cfg = json.load(f)["config"]
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
@@ -124,21 +150,23 @@ def _stopped(out: Path) -> dict:
 def run(
     out_dir: str = "runs/demo",
     *,
-    teacher_steps: int = 1000,
-    student_steps: int = 600,
-    rpn_steps: int = 300,
-    detect_steps: int = 400,
+    teacher_steps: int | None = None,
+    student_steps: int | None = None,
+    rpn_steps: int | None = None,
+    detect_steps: int | None = None,
     detection: bool = True,
+    runlocal: bool = False,
 ) -> dict:
-    """Runs the demo into `out_dir`; returns the accuracy table and the stage timings."""
-    import jax
+    """Runs the demo into `out_dir`; returns the accuracy table and the stage timings.
 
-    from regionclip_jax.convert.checkpoint import load_clip
-    from regionclip_jax.data import shapesworld
-    from regionclip_jax.eval import regions as region_eval
-    from regionclip_jax.text.embeddings import clip_text_embeddings
-    from regionclip_jax.train import clip_trainer, pretrain_trainer
-
+    A step count left None is the demo's (`STEPS`), or with `runlocal` the smoke test's
+    (`RUNLOCAL_STEPS`, with the data and batches of `_shrink`).
+    """
+    default = RUNLOCAL_STEPS if runlocal else STEPS
+    teacher_steps = default["teacher_steps"] if teacher_steps is None else teacher_steps
+    student_steps = default["student_steps"] if student_steps is None else student_steps
+    rpn_steps = default["rpn_steps"] if rpn_steps is None else rpn_steps
+    detect_steps = default["detect_steps"] if detect_steps is None else detect_steps
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -151,7 +179,9 @@ def run(
         flush=True,
     )
 
-    clip_cfg = load_config("clip_shapesworld", f"data={iconic},steps={teacher_steps}")
+    clip_cfg = load_config(
+        clip_shapesworld, f"data={iconic},steps={teacher_steps}", runlocal=runlocal
+    )
     with _stage(
         f"1/6 teacher: image-level CLIP, {teacher_steps} steps on iconic ShapesWorld", timings
     ):
@@ -160,7 +190,9 @@ def run(
     teacher_ckpt = os.path.join(teacher_dir, "export")
 
     pre_cfg = load_config(
-        "pretrain_shapesworld", f"teacher={teacher_ckpt},data={scenes},steps={student_steps}"
+        pretrain_shapesworld,
+        f"teacher={teacher_ckpt},data={scenes},steps={student_steps}",
+        runlocal=runlocal,
     )
     with _stage(
         f"2/6 student: region-text pretraining, {student_steps} steps on cluttered scenes", timings
@@ -221,7 +253,7 @@ def run(
     }
     if detection:
         det = _detection_stages(
-            out, scenes, teacher_ckpt, student_dir, rpn_steps, detect_steps, timings
+            out, scenes, teacher_ckpt, student_dir, rpn_steps, detect_steps, timings, runlocal
         )
         if det.get("stopped"):
             return det
@@ -245,13 +277,14 @@ def _detection_stages(
     rpn_steps: int,
     detect_steps: int,
     timings: dict[str, float],
+    runlocal: bool,
 ) -> dict:
     """Stage 5 (base-class RPN) and 6 (OVD fine-tuning from student and teacher); AP50 table."""
-    from regionclip_jax.train import detection_trainer, rpn_trainer
-
     rpn_dir = str(out / "rpn")
     rpn_cfg = load_config(
-        "rpn_shapesworld", f"teacher={teacher_ckpt},data={scenes},steps={rpn_steps}"
+        rpn_shapesworld,
+        f"teacher={teacher_ckpt},data={scenes},steps={rpn_steps}",
+        runlocal=runlocal,
     )
     with _stage(
         f"5/6 proposals: class-agnostic RPN on base-shape boxes, {rpn_steps} steps", timings
@@ -270,8 +303,9 @@ def _detection_stages(
     ):
         for name, init in inits.items():
             cfg = load_config(
-                "detect_shapesworld",
+                detect_shapesworld,
                 f"init={init},rpn={rpn_dir},data={scenes},steps={detect_steps}",
+                runlocal=runlocal,
             )
             print(f"\n-- fine-tuning from the {name} --", flush=True)
             result = detection_trainer.run(cfg, str(out / f"detect_{name}"))
@@ -279,7 +313,9 @@ def _detection_stages(
                 return _stopped(out)
             ap[name] = {k[5:]: v for k, v in result.metrics.items() if k.startswith("eval/")}
             zs_cfg = load_config(
-                "detect_shapesworld", f"init={init},rpn={rpn_dir},data={scenes},zeroshot"
+                detect_shapesworld,
+                f"init={init},rpn={rpn_dir},data={scenes},zeroshot",
+                runlocal=runlocal,
             )
             print(f"\n-- zero-shot detection (no fine-tuning) with the {name} --", flush=True)
             zero_shot[name] = detection_trainer.run(zs_cfg, str(out / f"zeroshot_{name}")).metrics

@@ -3,12 +3,17 @@
   python -m regionclip_jax.main --config=configs/<experiment>.py[:arg] --workdir=DIR \
       [--config.key=value ...]
 
-The config's `mode` picks the trainer (`clip`: image-level CLIP; `pretrain`: RegionCLIP
-region-text pretraining). Running the same command again
-resumes from the last checkpoint in DIR. Exit status: 0 done or stopped by SIGTERM after
-writing a checkpoint (preemption), 1 failed (NaN/Inf, a config without `mode`, an error), 2 invalid
-config: every error, one line each (`config.optim.lr: must be a finite number > 0, got nan`), on
-stderr before any data is generated or anything compiled.
+The config's `mode` picks the trainer, each a `train.run.run_task` lifecycle (validate, data,
+build, resume or initialise, train, export, evaluate):
+  `clip`:     image-level CLIP training (train/clip_trainer.py);
+  `pretrain`: RegionCLIP region-text pretraining (train/pretrain_trainer.py);
+  `detect`:   open-vocabulary detection fine-tuning and evaluation, or zero-shot evaluation
+              with `detect.eval_only` (train/detection_trainer.py);
+  `rpn`:      class-agnostic region proposal network training (train/rpn_trainer.py).
+Running the same command again resumes from the last checkpoint in DIR. Exit status: 0 done or
+stopped by SIGTERM after writing a checkpoint (preemption), 1 failed (NaN/Inf, a config without
+`mode`, an error), 2 invalid config: every error, one line each (`config.optim.lr: must be a
+finite number > 0, got nan`), on stderr before any data is generated or anything compiled.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ def main(argv: list[str]) -> None:
         )
         sys.exit(1)
 
+    # Lazy, not at module top: jax, the models and the trainers take seconds to import, which
+    # `--help` and a config without `mode` (above) do not need.
     import jax
 
     from regionclip_jax import config as config_lib
@@ -95,30 +102,31 @@ def main(argv: list[str]) -> None:
             flush=True,
         )
 
+    # Lazy as well, and after the multi-process set-up (no module may touch a JAX backend
+    # before `jax.distributed.initialize`).
+    from regionclip_jax.train import (
+        clip_trainer,
+        detection_trainer,
+        pretrain_trainer,
+        rpn_trainer,
+    )
+
+    trainers = {
+        "clip": clip_trainer.run,
+        "pretrain": pretrain_trainer.run,
+        "detect": detection_trainer.run,
+        "rpn": rpn_trainer.run,
+    }
     try:
-        # Every config error at once, before any data generation or compilation (the trainers
-        # validate again after filling in data paths; validation is cheap and has no effects).
+        # Every config error at once, before dispatch (the trainer's `run_task` validates its
+        # copy again before any data generation or compilation; validation is cheap and has no
+        # effects).
         config_lib.validate(config, jax.device_count(), jax.process_count())
-        if mode == "clip":
-            from regionclip_jax.train import clip_trainer
-
-            result = clip_trainer.run(config, _WORKDIR.value)
-        elif mode == "pretrain":
-            from regionclip_jax.train import pretrain_trainer
-
-            result = pretrain_trainer.run(config, _WORKDIR.value)
-        elif mode == "detect":
-            from regionclip_jax.train import detection_trainer
-
-            result = detection_trainer.run(config, _WORKDIR.value)
-        elif mode == "rpn":
-            from regionclip_jax.train import rpn_trainer
-
-            result = rpn_trainer.run(config, _WORKDIR.value)
-        else:
+        if mode not in trainers:
             raise config_lib.ConfigError(
                 f"config.mode: unknown mode {mode!r}; valid: {config_lib.MODES}"
             )
+        result = trainers[mode](config, _WORKDIR.value)
     except config_lib.ConfigError as e:
         print(e, file=sys.stderr, flush=True)  # "invalid config (N errors):" + one line each
         sys.exit(_EXIT_INVALID_CONFIG)

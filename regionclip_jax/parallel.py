@@ -18,6 +18,9 @@ Logical names used by the models:
                `norm` (norm scale/bias), `proj` (output embedding dim)
   activations: `act_batch`, `act_len`, `act_embed`, `act_mlp`, `act_heads`, `act_height`,
                `act_width`, `act_channels`
+
+Global side effect: importing this module sets flax's `flax_always_shard_variable` to False
+(`use_logical_axis_names`, the package's only change to flax's global config).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,10 +36,23 @@ import flax
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-# Our variables carry logical names, not mesh axes: flax must not try to shard them at creation.
-flax.config.update("flax_always_shard_variable", False)
+
+def use_logical_axis_names() -> None:
+    """Sets flax's global `flax_always_shard_variable` to False (idempotent).
+
+    Our variables carry *logical* axis names (`nnx.with_partitioning`), not mesh axes: flax must
+    not try to shard them when they are created; `logical_to_spec` / the train state place them.
+    This changes a process-wide flax setting, so it is done in one place: at the import of this
+    module (below), which every model module imports (`shard_act`) before creating a Variable.
+    """
+    flax.config.update("flax_always_shard_variable", False)
+
+
+# The one place this package changes flax's global config (see `use_logical_axis_names`).
+use_logical_axis_names()
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
 
@@ -260,6 +277,7 @@ def detected_cluster() -> str | None:
     """The name of the cluster environment JAX would auto-detect (SLURM, Cloud TPU pod, Open MPI,
     Kubernetes), or None on a plain machine."""
     try:  # JAX's own detectors (private API; stable across jax 0.10-0.12)
+        # Lazy and guarded: a private module that a newer JAX may move (fallback below).
         from jax._src import clusters
 
         for env in clusters.ClusterEnv._cluster_types:
@@ -269,8 +287,6 @@ def detected_cluster() -> str | None:
                 return env.__name__
         return None
     except (ImportError, AttributeError):  # newer JAX moved them: fall back to the variables
-        import os
-
         for var, name in (
             ("SLURM_JOB_ID", "SlurmCluster"),
             ("OMPI_MCA_orte_hnp_uri", "OmpiCluster"),
@@ -346,7 +362,6 @@ def gather_to_host(tree: Any) -> Any:
     where arrays span devices of other processes; plain `device_get` otherwise)."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
 
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -360,8 +375,6 @@ def sync_processes(name: str) -> None:
     """Waits until every process of a multi-process job reaches the barrier `name` (no-op with
     one process). Used where process 0 writes files the others then read or wait for."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import TINY_TRAIN_OVERRIDES
 
 from regionclip_jax.train import clip_trainer
 
@@ -26,10 +27,7 @@ def _config(data_dir: str, **overrides):
     spec.loader.exec_module(module)
     c = module.get_config(f"runlocal,data={data_dir}")
     c.unlock()
-    c.model.overrides.update(
-        embed_dim=32, vision_width=8, transformer_width=32, transformer_heads=1,
-        transformer_layers=1, context_length=16,
-    )  # fmt: skip
+    c.model.overrides.update(TINY_TRAIN_OVERRIDES)
     c.data.context_length = 16
     c.async_checkpointing = False
     c.debug.print_memory = False

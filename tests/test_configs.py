@@ -3,7 +3,7 @@ inconsistent values fail before anything is compiled, with a message naming the 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -34,10 +34,13 @@ CONFIGS = [
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # configs/ is the package regionclip_jax.configs (pyproject.toml `package-dir`).
+    return importlib.import_module(f"regionclip_jax.configs.{name}")
+
+
+def test_every_config_file_is_listed():
+    files = {p.stem for p in (REPO / "configs").glob("*.py")} - {"__init__", "common"}
+    assert files == set(CONFIGS) | {"detect_custom"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)

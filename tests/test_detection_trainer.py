@@ -40,8 +40,8 @@ def test_rpn_trains_exports_and_reports_recall(trained_rpn):
     root, _, result = trained_rpn
     assert result.step == 4 and all(math.isfinite(v) for v in result.losses.values())
     export = root / "work" / "export"
-    spec = json.loads((export / "rpn.json").read_text())
-    assert spec["kind"] == "clip" and (export / "params.npz").is_file()
+    arch = json.loads((export / "rpn.json").read_text())
+    assert arch["kind"] == "clip" and (export / "params.npz").is_file()
     for side in ("base", "novel"):
         assert 0.0 <= result.metrics[f"eval/recall@100/{side}"] <= 1.0
 
@@ -54,8 +54,8 @@ def test_ovd_finetuning_with_the_frozen_rpn(trained_rpn, tmp_path):
     result = detection_trainer.run(cfg, str(tmp_path / "det"))
     assert result.step == 4 and all(math.isfinite(v) for v in result.losses.values())
     # The offline RPN and the class embeddings are frozen: they leave training unchanged.
-    spec = config_lib.rpn_spec_from_init(str(root / "work"), cfg)
-    rpn_params, _ = rpn_format.load_rpn_weights(spec)
+    arch = config_lib.rpn_arch_from_init(str(root / "work"), cfg)
+    rpn_params, _ = rpn_format.load_rpn_weights(arch)
     trained = jax.device_get(result.state) if result.state is not None else None
     if trained is not None:
         got = jax.tree.leaves(trained["params"]["rpn"])

@@ -7,27 +7,18 @@ import json
 
 import numpy as np
 import pytest
+from helpers import TINY_CLIP as TINY
 from PIL import Image
 
 from regionclip_jax.inference.commands import main
 
-TINY = dict(
-    embed_dim=32,
-    image_resolution=64,
-    vision_layers=(1, 1, 1, 1),
-    vision_width=16,
-    vision_patch_size=None,
-    transformer_width=64,
-    transformer_heads=1,
-    transformer_layers=1,
-)
 SIZE_ARGS = ["--min-size", "64", "--max-size", "96"]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from regionclip_jax.convert.regionclip import RegionCLIPWeights, save_regionclip
-    from regionclip_jax.inference.notebook import random_clip
+    from regionclip_jax.inference.random_model import random_clip
     from regionclip_jax.models import CLIPConfig
 
     tmp = tmp_path_factory.mktemp("cli")

@@ -17,15 +17,14 @@ import types
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TINY_CLIP as TINY
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from regionclip_jax.inference import RegionCLIP
 from regionclip_jax.inference.commands import main
-from regionclip_jax.inference.notebook import TINY_CONFIG
 from regionclip_jax.models import split as split_lib
 
-TINY = dict(TINY_CONFIG, embed_dim=32)
 SIZES = dict(min_size=64, max_size=96)
 SIZE_ARGS = ["--min-size", "64", "--max-size", "96"]
 WORDS = ["cat", "dog"]
@@ -50,7 +49,7 @@ def random_mask_head(seed: int = 3, conv_dim: int = CONV_DIM) -> dict[str, np.nd
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from regionclip_jax.convert.regionclip import RegionCLIPWeights, save_regionclip
-    from regionclip_jax.inference.notebook import random_clip
+    from regionclip_jax.inference.random_model import random_clip
     from regionclip_jax.models import CLIPConfig
 
     tmp = tmp_path_factory.mktemp("inference_masks")

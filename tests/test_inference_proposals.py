@@ -31,7 +31,7 @@ IMAGES = [("land.png", (90, 120), (64, 85), (64, 96)), ("port.png", (120, 80), (
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from regionclip_jax.convert.regionclip import RegionCLIPWeights, save_regionclip
-    from regionclip_jax.inference.notebook import random_clip
+    from regionclip_jax.inference.random_model import random_clip
     from regionclip_jax.models import CLIPConfig
 
     tmp = tmp_path_factory.mktemp("proposals")
@@ -107,13 +107,13 @@ def test_detect_without_boxes_equals_gt_mode_on_the_proposals(env):
 
 def test_rpn_settings_reach_the_rpn(env):
     tmp, ckpt, _, model = env
-    assert model.has_rpn and model.rpn_spec["kind"] == "clip"
-    assert (model.rpn_spec["pre_nms_topk"], model.rpn_spec["post_nms_topk"]) == (200, 40)
-    assert model.rpn_spec["nms_thresh"] == 0.7
+    assert model.has_rpn and model.rpn_arch["kind"] == "clip"
+    assert (model.rpn_arch["pre_nms_topk"], model.rpn_arch["post_nms_topk"]) == (200, 40)
+    assert model.rpn_arch["nms_thresh"] == 0.7
     # Defaults: the kind's pre-NMS top-k (CLIP res4 as C4: 6000), 1000, zero-shot NMS 0.9.
     default = RegionCLIP.from_checkpoint(ckpt, rpn=tmp / "rpn_work" / "export", cache_dir=None)
-    spec = default.rpn_spec
-    assert (spec["pre_nms_topk"], spec["post_nms_topk"], spec["nms_thresh"]) == (6000, 1000, 0.9)
+    arch = default.rpn_arch
+    assert (arch["pre_nms_topk"], arch["post_nms_topk"], arch["nms_thresh"]) == (6000, 1000, 0.9)
 
 
 def test_errors(env):

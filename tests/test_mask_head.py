@@ -347,7 +347,7 @@ def test_detection_task_feeds_masks_to_the_loss(monkeypatch):
     from regionclip_jax.train import detection_trainer as dt
 
     task = object.__new__(dt.DetectionTask)
-    task.t = ml_collections.ConfigDict(
+    task.detect = ml_collections.ConfigDict(
         dict(
             mask_on=True,
             mask_scale=0.25,
@@ -367,9 +367,9 @@ def test_detection_task_feeds_masks_to_the_loss(monkeypatch):
     assert tuple(spec) == base + ("gt_masks", "mask_valid")
     assert spec["gt_masks"] == ((2, 3, 8, 10), np.dtype(np.uint8))
     assert spec["mask_valid"] == ((2, 3), np.dtype(bool))
-    task.t.mask_on = False
+    task.detect.mask_on = False
     assert tuple(task.batch_spec(2)) == base
-    task.t.mask_on = True
+    task.detect.mask_on = True
 
     seen = {}
 

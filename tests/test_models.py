@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from torch_reference import open_clip_model
 
 from regionclip_jax.convert.state_dict import (
     clip_from_state_dict,
@@ -83,39 +84,6 @@ def rel_err(ours, ref) -> float:
 
 
 # ----------------------------------------------------------------------------- torch helpers
-
-
-def randomize_(torch_model, seed: int = 1) -> None:
-    """Randomises every 1-D float parameter/buffer (BN/LN scales, biases, BN statistics)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        tensors = list(torch_model.named_parameters()) + list(torch_model.named_buffers())
-        for name, t in tensors:
-            if t.ndim != 1 or not t.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("weight"):
-                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.75)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-
-
-def open_clip_model(
-    embed_dim: int, vision_cfg: dict, text_cfg: dict, seed: int = 0, quick_gelu: bool = True
-):
-    import open_clip
-    import torch
-
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu).eval()
-    # OpenAI's models use QuickGELU; open_clip's default is nn.GELU.
-    expected = "QuickGELU" if quick_gelu else "GELU"
-    assert type(model.transformer.resblocks[0].mlp.gelu).__name__ == expected
-    randomize_(model, seed + 1)
-    return model
 
 
 def open_clip_preset(name: str):

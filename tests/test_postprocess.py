@@ -13,7 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from regionclip_jax.eval.postprocess import detections_from_scores, rescale_to_original
+from regionclip_jax.eval.postprocess import (
+    detections_from_scores,
+    detections_numpy,
+    rescale_to_original,
+)
 
 K = 4  # foreground classes
 
@@ -249,3 +253,35 @@ def test_rescale_to_original():
     for i in range(2):
         want = boxes[i] / np.array([scale[i, 1], scale[i, 0]] * 2, np.float32)
         np.testing.assert_allclose(got[i], _clip(want, orig[i]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_host_and_batched_paths_select_the_same_detections(seed):
+    """The recognizer's host path (`detections_numpy`) and evaluation's jitted path
+    (`detections_from_scores`, every pair a candidate) are one selection: on inputs without exact
+    score ties or degenerate boxes they return the same detections in the same order."""
+    rng = np.random.default_rng(seed)
+    r, k, h, w = 40, 6, 120, 160
+    logits = rng.normal(0.0, 2.0, (r, k + 1))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    xy = rng.uniform([-10, -10], [w, h], (r, 2))
+    wh = rng.uniform(8, 70, (r, 2))
+    boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)  # some cross the image edge
+    nb, ns, nl = detections_numpy(
+        probs[:, :k], boxes, (h, w), score_thresh=0.05, nms_thresh=0.5, max_detections=50
+    )
+    out = detections_from_scores(
+        jnp.asarray(probs[None], jnp.float32),
+        jnp.asarray(boxes[None]),
+        jnp.ones((1, r), bool),
+        jnp.asarray([[h, w]]),
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        topk=50,
+        max_candidates=r * k,
+    )
+    ok = np.asarray(out["valid"][0])
+    assert 0 < len(ns) == ok.sum()
+    np.testing.assert_array_equal(np.asarray(out["classes"][0])[ok], nl)
+    np.testing.assert_allclose(np.asarray(out["scores"][0])[ok], ns, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["boxes"][0])[ok], nb, rtol=1e-6, atol=1e-4)

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import TINY_TRAIN_OVERRIDES as TINY_MODEL
 from test_train_loop import apply_changes
 
 from regionclip_jax.config import ConfigError, validate
@@ -27,9 +28,6 @@ from regionclip_jax.train import pretrain_trainer
 from regionclip_jax.train import state as state_lib
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY_MODEL = dict(embed_dim=32, vision_width=8, transformer_width=32, transformer_heads=1,
-                  transformer_layers=1, context_length=16)  # fmt: skip
 
 
 def _load_config_module(name: str):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from torch_reference import open_clip_model
 
 from regionclip_jax.convert.state_dict import clip_from_state_dict, infer_config
 from regionclip_jax.models.region import (
@@ -34,31 +35,8 @@ def rel_err(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def randomize_(model, seed: int = 1) -> None:
-    """Random 1-D parameters/buffers (BN scales, biases and running statistics)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.ndim != 1 or not t.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("weight"):
-                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.75)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-
-
 def torch_clip(embed_dim: int, vision_cfg: dict, seed: int = 0):
-    import open_clip
-    import torch
-
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(embed_dim, vision_cfg, TINY_TEXT, quick_gelu=True).eval()
-    randomize_(model, seed + 1)
-    return model
+    return open_clip_model(embed_dim, vision_cfg, TINY_TEXT, seed)
 
 
 def ours_from(tm):
@@ -241,7 +219,7 @@ def test_vit_regions_match_torch_reference():
 def test_bf16_compute_close_to_fp32(vision, learning_seed, report_margin):
     """bf16 compute (fp32 params) stays close to fp32 under jit (guards the jax 0.12 CPU bf16
     conv -> fp32 reduction -> conv issue, since RoIAlign accumulates in fp32)."""
-    from regionclip_jax.inference.notebook import random_clip
+    from regionclip_jax.inference.random_model import random_clip
     from regionclip_jax.models import CLIPConfig
 
     if vision == "resnet":

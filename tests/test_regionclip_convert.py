@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from torch_reference import open_clip_model
 
 from regionclip_jax.convert.regionclip import (
     MASK_HEAD_KEYS,
@@ -37,22 +38,7 @@ EMBED = 32
 
 
 def torch_clip(seed: int = 0):
-    import open_clip
-    import torch
-
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(EMBED, VISION, TEXT, quick_gelu=True).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.ndim == 1 and t.dtype.is_floating_point:
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                elif name.endswith("weight"):
-                    t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.75)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return model
+    return open_clip_model(EMBED, VISION, TEXT, seed)
 
 
 def regionclip_sd(tm, num_classes: int = 5, seed: int = 0) -> dict[str, np.ndarray]:

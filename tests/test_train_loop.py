@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import TINY_TRAIN_OVERRIDES
 
 from regionclip_jax.train import clip_trainer, loop, optim
 
@@ -40,10 +41,7 @@ def tiny_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
     """clip_shapesworld:runlocal shrunk to a model that compiles and steps fast on 2 cores."""
     c = load_config_module("clip_shapesworld").get_config(f"runlocal,data={data_dir}")
     c.unlock()
-    c.model.overrides.update(
-        embed_dim=32, vision_width=8, transformer_width=32, transformer_heads=1,
-        transformer_layers=1, context_length=16,
-    )  # fmt: skip
+    c.model.overrides.update(TINY_TRAIN_OVERRIDES)
     c.data.shapesworld.dir = data_dir
     c.data.context_length = 16
     c.async_checkpointing = False

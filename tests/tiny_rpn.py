@@ -6,21 +6,18 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
+from helpers import TINY_CLIP
 
-from regionclip_jax.inference.notebook import TINY_CONFIG
+from regionclip_jax.convert import rpn as rpn_format
+from regionclip_jax.models import CLIPConfig
 from regionclip_jax.models import split as split_lib
-
-TINY_CLIP = dict(TINY_CONFIG, embed_dim=32)
 
 
 def export_random_clip_rpn(directory, *, pre_nms_topk: int, post_nms_topk: int, nms_thresh: float):
     """Writes DIRECTORY/export (rpn.json + params.npz) and returns `reference(images, image_hw)`:
     the in-memory RPN with the same weights under the given test-time settings (boxes, logits,
     valid as the RPN module returns them; images float `[B, Hc, Wc, 3]` RGB 0..255)."""
-    from regionclip_jax.convert import rpn as rpn_format
-    from regionclip_jax.models import CLIPConfig
-
-    spec = {
+    arch = {
         "kind": "clip",
         "anchor_sizes": [16.0, 32.0, 64.0],
         "aspect_ratios": [0.5, 1.0, 2.0],
@@ -44,15 +41,15 @@ def export_random_clip_rpn(directory, *, pre_nms_topk: int, post_nms_topk: int, 
             )
         return (rng.standard_normal(x.shape) * 0.1).astype(np.float32)
 
-    abstract = nnx.eval_shape(lambda: rpn_format.build_rpn(spec, nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: rpn_format.build_rpn(arch, nnx.Rngs(0)))
     _, params, rest = split_lib.split_model(abstract)
     params = jax.tree_util.tree_map_with_path(draw, params)
     rest = jax.tree_util.tree_map_with_path(draw, rest)
-    rpn_format.export_rpn(spec, params, rest, str(directory / "export"))
+    rpn_format.export_rpn(arch, params, rest, str(directory / "export"))
     # The reference: the same in-memory weights under the test-time settings (static attributes
     # of the module graph).
     test_spec = dict(
-        spec, pre_nms_topk=pre_nms_topk, post_nms_topk=post_nms_topk, nms_thresh=nms_thresh
+        arch, pre_nms_topk=pre_nms_topk, post_nms_topk=post_nms_topk, nms_thresh=nms_thresh
     )
     ref_def, _, _ = split_lib.split_model(
         nnx.eval_shape(lambda: rpn_format.build_rpn(test_spec, nnx.Rngs(0)))

@@ -1,10 +1,11 @@
 """The run config: its schema (`schema`), validation (`validation`) and model config (`model`).
 
-`regionclip_jax.main` and the trainers' `run()` validate a config once, before any side effect
-(data generation, caption parsing, compilation); see README "Architecture".
+Every mode's run (`regionclip_jax.train.run.run_task`) validates its config once, before any side
+effect (data generation, caption parsing, compilation), and passes on the model config that
+`validate` returns; see README "Architecture".
 """
 
-from regionclip_jax.config.model import clip_config, rpn_spec, rpn_spec_from_init
+from regionclip_jax.config.model import clip_config, rpn_arch, rpn_arch_from_init
 from regionclip_jax.config.schema import MODES, base_config
 from regionclip_jax.config.validation import ConfigError, validate
 
@@ -13,7 +14,7 @@ __all__ = [
     "ConfigError",
     "base_config",
     "clip_config",
-    "rpn_spec",
-    "rpn_spec_from_init",
+    "rpn_arch",
+    "rpn_arch_from_init",
     "validate",
 ]

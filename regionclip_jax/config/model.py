@@ -1,4 +1,4 @@
-"""The model configs a run config describes: the CLIP (`clip_config`) and the RPN (`rpn_spec`)."""
+"""The model configs a run config describes: the CLIP (`clip_config`) and the RPN (`rpn_arch`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import ml_collections
 
 from regionclip_jax.convert.checkpoint import read_metadata
-from regionclip_jax.convert.rpn import load_rpn_spec
+from regionclip_jax.convert.rpn import load_rpn_arch
 from regionclip_jax.models.presets import CLIPConfig, get_preset
 
 
@@ -25,36 +25,44 @@ def clip_config(config: ml_collections.ConfigDict):
     return CLIPConfig.from_dict(overrides)
 
 
-def rpn_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The architecture of the RPN that mode `rpn` trains."""
-    r, t = config.rpn, config.detect
-    spec = {
+def rpn_arch(
+    config: ml_collections.ConfigDict, model_config: CLIPConfig | None = None
+) -> dict[str, Any]:
+    """The architecture of the RPN that mode `rpn` trains.
+
+    `model_config`: `clip_config(config)` when the caller has it (a run computes it once).
+    """
+    r, detect = config.rpn, config.detect
+    arch = {
         "kind": str(r.kind),
         "depth": int(r.depth),
         "base_width": int(r.base_width),
         "anchor_sizes": [float(x) for x in r.anchor_sizes],
         "aspect_ratios": [float(x) for x in r.aspect_ratios],
-        "pre_nms_topk": int(t.rpn_pre_nms_topk),
-        "post_nms_topk": int(t.rpn_post_nms_topk),
-        "nms_thresh": float(t.rpn_nms_thresh),
+        "pre_nms_topk": int(detect.rpn_pre_nms_topk),
+        "post_nms_topk": int(detect.rpn_post_nms_topk),
+        "nms_thresh": float(detect.rpn_nms_thresh),
         "init": str(r.init),
     }
-    if spec["kind"] == "clip":
-        spec["clip_config"] = clip_config(config).to_dict()
-    return spec
+    if arch["kind"] == "clip":
+        arch["clip_config"] = (model_config or clip_config(config)).to_dict()
+    return arch
 
 
-def rpn_spec_from_init(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The spec of a trained RPN: an `rpn` workdir / its export dir, or a detectron2 .pth.
+def rpn_arch_from_init(
+    path: str, config: ml_collections.ConfigDict, model_config: CLIPConfig | None = None
+) -> dict[str, Any]:
+    """The architecture of a trained RPN: an `rpn` workdir / its export dir, or a detectron2 .pth.
 
     The test-time settings (pre/post-NMS top-k, NMS threshold) come from `config.detect`.
+    `model_config` as in `rpn_arch` (used for path "random" only).
     """
-    t = config.detect
+    detect = config.detect
     if path == "random":  # smoke runs: an untrained RPN of config.rpn's architecture
-        return dict(rpn_spec(config), weights="")
-    return load_rpn_spec(
+        return dict(rpn_arch(config, model_config), weights="")
+    return load_rpn_arch(
         path,
-        pre_nms_topk=int(t.rpn_pre_nms_topk),
-        post_nms_topk=int(t.rpn_post_nms_topk),
-        nms_thresh=float(t.rpn_nms_thresh),
+        pre_nms_topk=int(detect.rpn_pre_nms_topk),
+        post_nms_topk=int(detect.rpn_post_nms_topk),
+        nms_thresh=float(detect.rpn_nms_thresh),
     )

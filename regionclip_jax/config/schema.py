@@ -127,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.detect.test_embeddings = ""  # [K_test, D] over all classes; "" = from model.init's text tower
     c.detect.proposals = "rpn"  # rpn: the frozen offline RPN of detect.rpn_init | gt: GT boxes
     c.detect.rpn_init = ""  # an `rpn` mode workdir (its export/) or a detectron2 RPN .pth
-    c.detect.rpn_pre_nms_topk = 6000  # offline RPN in eval mode: its test-time settings (spec 5.2)
+    c.detect.rpn_pre_nms_topk = 6000  # offline RPN in eval mode: its test-time settings (spec §5.2)
     c.detect.rpn_post_nms_topk = 1000
     c.detect.rpn_nms_thresh = 0.7
     c.detect.rois_per_image = 512

@@ -223,7 +223,7 @@ def _structure(ck: _Checker, config: Any, schema: Any, prefix: str = "") -> None
                 _structure(ck, value, ref, f"{name}.")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> Any:
     """Checks `config` against the schema and itself; raises one ConfigError listing every error.
 
     Cheap and free of side effects: reads no data (only `model.init`'s model.json when set), so it
@@ -233,6 +233,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
       config: the resolved training config.
       num_devices: devices the mesh will span (jax.device_count()).
       num_processes: jax.process_count().
+    Returns:
+      The model config it built and checked (`clip_config(config)`, a `CLIPConfig`): a run
+      passes it on (`train.run.run_task`) instead of reading `model.init`'s model.json again.
     Raises:
       ConfigError: one line `config.KEY: what is wrong, got VALUE` per error.
     """
@@ -252,6 +255,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         _check_clip(ck, v, clip_cfg)
     if ck.errors:
         raise ConfigError(ck.errors)
+    return clip_cfg
 
 
 def _check_fields(ck: _Checker) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""PyTorch checkpoints -> regionclip_jax models, and converted checkpoints on disk.
+"""Checkpoints in, checkpoints out: other frameworks' files -> our models, and ours on disk.
 
-  - `load_state_dict_file(path) -> {name: np.ndarray}`: OpenAI `.pt` (TorchScript), `torch.save`d
-    state dicts, `.npz`, `.safetensors`.
-  - `infer_config(sd)`, `clip_from_state_dict(sd) -> CLIP`, `clip_to_state_dict(model)`: OpenAI
-    CLIP names <-> our CLIP module.
-  - `save_clip(model, dir)`, `load_clip(dir) -> CLIP`: Orbax checkpoint + `model.json`.
+  - `torch_files`: `load_state_dict_file(path) -> {name: np.ndarray}` (OpenAI `.pt` TorchScript,
+    `torch.save`d state dicts, `.npz`, `.safetensors`);
+  - `state_dict`: `infer_config`, `clip_from_state_dict`, `clip_to_state_dict` (OpenAI / open_clip
+    CLIP names <-> our CLIP);
+  - `regionclip`: RegionCLIP (detectron2) checkpoints -> our CLIP + the detector's head weights;
+  - `detectron2_rpn`: the original's RPN `.pth` files -> `models.rpn.RPN`;
+  - `rpn`: our RPN file format (`rpn.json` + `params.npz`), `load_offline_rpn`, `build_rpn`;
+  - `checkpoint`: `save_clip(model, dir)`, `load_clip(dir) -> CLIP` (Orbax + `model.json`).
 
 Names are imported lazily so that `regionclip_jax.convert.torch_files` (and the CLI's `--help`)
 do not pay for importing JAX.

@@ -67,6 +67,7 @@ def save_clip(
       RuntimeError: called in a multi-process JAX job without `single_writer` (conversion is a
         single-process tool).
     """
+    # lazy: jax/flax/orbax (seconds to import); metadata reads need none of them
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
@@ -219,6 +220,7 @@ def load_clip(directory: str | os.PathLike, *, dtype: Any = None, param_dtype: A
       ValueError: bad `model.json`, an unknown model type, or stored variables that do not match
         the architecture (missing/unexpected keys, shape mismatch), naming the key.
     """
+    # lazy: jax/flax/orbax (seconds to import); metadata reads need none of them
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from regionclip_jax.convert.torch_files import load_state_dict_file
 from regionclip_jax.models.rpn import RESNET_BLOCKS, RPN
 
 _CONV_FROM_TORCH = (2, 3, 1, 0)  # OIHW -> HWIO
@@ -52,8 +53,6 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def _read(state_dict_or_path: Mapping[str, Any] | str | os.PathLike) -> Mapping[str, Any]:
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        from regionclip_jax.convert.torch_files import load_state_dict_file
-
         return load_state_dict_file(state_dict_or_path)
     sd = state_dict_or_path
     if "model" in sd and isinstance(sd["model"], Mapping):

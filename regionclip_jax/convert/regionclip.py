@@ -33,7 +33,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from regionclip_jax.convert.checkpoint import METADATA_FILE, load_clip, save_clip
+from regionclip_jax.convert.state_dict import clip_from_state_dict, clip_to_state_dict, infer_config
+from regionclip_jax.convert.torch_files import load_state_dict_file
 
 HEADS_FILE = "regionclip_heads.npz"
 _PREDICTOR = "roi_heads.box_predictor."
@@ -220,8 +226,6 @@ def load_mask_head(mask_head: Any, arrays: Mapping[str, np.ndarray]) -> None:
             f"the mask head has conv_dim {d}"
         )
 
-    import jax.numpy as jnp
-
     def put(var: Any, value: np.ndarray) -> None:
         var.set_value(jnp.asarray(np.asarray(value, np.float32), var[...].dtype))
 
@@ -265,11 +269,6 @@ def regionclip_from_state_dict(
       ValueError: unknown keys, missing or unexpected backbone/text keys, wrong shapes or an
         unknown architecture, naming the offending key (RegionCLIP names).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from regionclip_jax.convert.state_dict import clip_from_state_dict, infer_config
-
     dtype = jnp.float32 if dtype is None else dtype
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
     clip_sd, teacher_sd, heads, mask_head, ignored = split_regionclip_state_dict(state_dict)
@@ -364,8 +363,6 @@ def load_regionclip_file(
         (only for files from a trusted source).
       text_from: OpenAI CLIP file for the text tower when the checkpoint has no `lang_encoder.*`.
     """
-    from regionclip_jax.convert.torch_files import load_state_dict_file
-
     sd = load_state_dict_file(path, trust_pickle=trust_pickle)
     text_sd = (
         None if text_from is None else load_state_dict_file(text_from, trust_pickle=trust_pickle)
@@ -384,10 +381,6 @@ def pretrain_init_from_openai(state_dict: Mapping[str, Any], **kwargs: Any):
       `RegionCLIPWeights` with `clip` (the student: visual + text) and `teacher` (an independent
       copy of the visual tower, to be frozen), no heads.
     """
-    from flax import nnx
-
-    from regionclip_jax.convert.state_dict import clip_from_state_dict
-
     student = clip_from_state_dict(state_dict, **kwargs)
     return RegionCLIPWeights(clip=student, heads={}, teacher=nnx.clone(student.visual))
 
@@ -395,8 +388,6 @@ def pretrain_init_from_openai(state_dict: Mapping[str, Any], **kwargs: Any):
 def regionclip_to_state_dict(weights: RegionCLIPWeights) -> dict[str, np.ndarray]:
     """Inverse mapping: RegionCLIP-named PyTorch-layout arrays (backbone, lang_encoder, heads,
     teacher_backbone if present). `logit_scale` is dropped (RegionCLIP has none)."""
-    from regionclip_jax.convert.state_dict import clip_to_state_dict
-
     out: dict[str, np.ndarray] = {}
     for k, v in clip_to_state_dict(weights.clip).items():
         if k.startswith("visual."):
@@ -429,8 +420,6 @@ def save_regionclip(
     The teacher tower is not saved: it is a copy of the OpenAI CLIP the student started from and
     only matters for pretraining, which rebuilds it with `pretrain_init_from_openai`.
     """
-    from regionclip_jax.convert.checkpoint import METADATA_FILE, save_clip
-
     dest = save_clip(weights.clip, directory, overwrite=overwrite, source=source)
     if weights.heads:
         np.savez(dest / HEADS_FILE, **{k: np.asarray(v) for k, v in weights.heads.items()})
@@ -455,8 +444,6 @@ def load_regionclip(directory: str | os.PathLike, **kwargs: Any) -> RegionCLIPWe
     Args:
       **kwargs: `dtype`, `param_dtype` for `load_clip`.
     """
-    from regionclip_jax.convert.checkpoint import load_clip
-
     directory = Path(directory).expanduser()
     clip = load_clip(directory, **kwargs)
     heads: dict[str, np.ndarray] = {}

@@ -1,10 +1,10 @@
 """The RPN file format and loading: `rpn.json` (architecture) + `params.npz` (weights).
 
-An `rpn` run exports `WORKDIR/export/{rpn.json, params.npz}` (`export_rpn`); `load_rpn_spec` reads
+An `rpn` run exports `WORKDIR/export/{rpn.json, params.npz}` (`export_rpn`); `load_rpn_arch` reads
 that, or infers the architecture of a detectron2 RPN .pth (`convert.detectron2_rpn`);
 `load_rpn_weights` reads the weights of either; `load_offline_rpn` gives a frozen, jitted proposal
 function (the recognizer's, `add-proposals`' and the detection trainer's offline RPN).
-`rpn.json` holds the spec dict: kind ("c4" | "fpn" | "clip"), depth, base_width, anchor_sizes,
+`rpn.json` holds the architecture dict: kind ("c4" | "fpn" | "clip"), depth, base_width, anchor_sizes,
 aspect_ratios, freeze_at, clip_config (kind "clip"); the test-time settings (pre/post-NMS top-k,
 NMS threshold) are given when loading.
 """
@@ -24,13 +24,13 @@ from regionclip_jax.convert.detectron2_rpn import infer_rpn_architecture, load_d
 from regionclip_jax.models.clip_rpn import ClipRPN
 from regionclip_jax.models.presets import CLIPConfig
 from regionclip_jax.models.rpn import RPN
-from regionclip_jax.models.split import merge, path_str, split_model
+from regionclip_jax.models.split import SplitJit, merge, path_str, split_model
 
-SPEC_FILE = "rpn.json"
+ARCH_FILE = "rpn.json"
 PARAMS_FILE = "params.npz"
 
 
-def load_rpn_spec(
+def load_rpn_arch(
     path: str | os.PathLike,
     *,
     pre_nms_topk: int | None,
@@ -38,7 +38,7 @@ def load_rpn_spec(
     nms_thresh: float,
     name: str = "detect.rpn_init",
 ) -> dict[str, Any]:
-    """The spec of a trained RPN at `path`, with the given test-time settings (no config needed).
+    """The architecture of a trained RPN at `path`, with the given test-time settings (no config needed).
 
     Args:
       path: an `rpn` workdir (holding export/rpn.json), its export dir, or a detectron2 RPN .pth.
@@ -52,26 +52,26 @@ def load_rpn_spec(
     """
     path = os.fspath(path)
     for d in (os.path.join(path, "export"), path):
-        if os.path.isfile(os.path.join(d, SPEC_FILE)):
-            with open(os.path.join(d, SPEC_FILE)) as f:
-                spec = json.load(f)
-            spec["weights"] = os.path.join(d, PARAMS_FILE)
+        if os.path.isfile(os.path.join(d, ARCH_FILE)):
+            with open(os.path.join(d, ARCH_FILE)) as f:
+                arch = json.load(f)
+            arch["weights"] = os.path.join(d, PARAMS_FILE)
             break
     else:
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{name} {path!r}: neither an `rpn` workdir with export/{SPEC_FILE} "
+                f"{name} {path!r}: neither an `rpn` workdir with export/{ARCH_FILE} "
                 "nor a detectron2 RPN checkpoint file"
             )
-        spec = dict(infer_rpn_architecture(path), weights=path)
+        arch = dict(infer_rpn_architecture(path), weights=path)
     if pre_nms_topk is None:
-        pre_nms_topk = 1000 if spec.get("kind") == "fpn" else 6000
-    spec.update(
+        pre_nms_topk = 1000 if arch.get("kind") == "fpn" else 6000
+    arch.update(
         pre_nms_topk=int(pre_nms_topk),
         post_nms_topk=int(post_nms_topk),
         nms_thresh=float(nms_thresh),
     )
-    return spec
+    return arch
 
 
 def check_rpn_path(path: str | os.PathLike) -> None:
@@ -94,10 +94,10 @@ def load_offline_rpn(
 
     Args:
       path: an `rpn` workdir, its export/ dir (rpn.json + params.npz) or a detectron2 RPN .pth.
-      pre_nms_topk, post_nms_topk, nms_thresh: test-time settings (`load_rpn_spec`).
+      pre_nms_topk, post_nms_topk, nms_thresh: test-time settings (`load_rpn_arch`).
 
     Returns:
-      (spec, propose): `propose(images, image_hw)` takes uint8 or float `[B, Hc, Wc, 3]` RGB
+      (arch, propose): `propose(images, image_hw)` takes uint8 or float `[B, Hc, Wc, 3]` RGB
       0..255 canvases (zero padding) and int32 `[B, 2]` (h, w), and returns device arrays (boxes
       float32 `[B, post_nms_topk, 4]` xyxy canvas pixels, objectness logits `[B, post_nms_topk]`,
       valid bool `[B, post_nms_topk]`); jitted, one program per input shape.
@@ -109,49 +109,43 @@ def load_offline_rpn(
     path = os.fspath(path)
     check_rpn_path(path)
     try:
-        spec = load_rpn_spec(
+        arch = load_rpn_arch(
             path,
             pre_nms_topk=pre_nms_topk,
             post_nms_topk=post_nms_topk,
             nms_thresh=nms_thresh,
             name="rpn",
         )
-        params, rest = load_rpn_weights(spec)
+        params, rest = load_rpn_weights(arch)
     except ValueError as e:
         raise ValueError(f"rpn {path!r} is not a usable RPN: {e}") from e
     except KeyError as e:  # an rpn.json without an architecture field
-        raise ValueError(f"rpn {path!r} is not a usable RPN: its spec lacks {e}") from e
+        raise ValueError(f"rpn {path!r} is not a usable RPN: its arch lacks {e}") from e
     # The graph only: the weights come from load_rpn_weights (no second random init).
-    graphdef, _, _ = split_model(nnx.eval_shape(lambda: build_rpn(spec, nnx.Rngs(0))))
-    params, rest = jax.device_put((params, rest))
-
-    @jax.jit  # jit's cache keys on the input shapes: one program per canvas
-    def _propose(params, rest, images, image_hw):
-        # uint8 may cross to the device (4x less than float32); the RPN takes float 0..255.
-        return merge(graphdef, params, rest)(images.astype(jnp.float32), image_hw)
-
-    def propose(images, image_hw):
-        return _propose(params, rest, images, image_hw)
-
-    return spec, propose
+    graphdef, _, _ = split_model(nnx.eval_shape(lambda: build_rpn(arch, nnx.Rngs(0))))
+    rpn = merge(graphdef, *jax.device_put((params, rest)))
+    # uint8 may cross to the device (4x less than float32); the RPN takes float 0..255. jit's
+    # cache keys on the input shapes: one program per canvas.
+    propose = SplitJit(rpn, lambda m, images, image_hw: m(images.astype(jnp.float32), image_hw))
+    return arch, propose
 
 
-def build_rpn(spec: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
-    """The RPN module `spec` describes (random weights)."""
-    if spec["kind"] == "clip":
-        return ClipRPN(CLIPConfig.from_dict(spec["clip_config"]), spec, rngs=rngs)
+def build_rpn(arch: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    """The RPN module `arch` describes (random weights)."""
+    if arch["kind"] == "clip":
+        return ClipRPN(CLIPConfig.from_dict(arch["clip_config"]), arch, rngs=rngs)
     return RPN(
-        kind=spec["kind"],
-        depth=int(spec["depth"]),
-        base_width=int(spec["base_width"]),
-        anchor_sizes=tuple(spec["anchor_sizes"]),
-        aspect_ratios=tuple(spec["aspect_ratios"]),
-        num_convs=int(spec.get("num_convs", 1)),
-        fpn_norm=bool(spec.get("fpn_norm", False)),
-        stride_in_1x1=bool(spec.get("stride_in_1x1", True)),
-        pre_nms_topk=int(spec["pre_nms_topk"]),
-        post_nms_topk=int(spec["post_nms_topk"]),
-        nms_thresh=float(spec["nms_thresh"]),
+        kind=arch["kind"],
+        depth=int(arch["depth"]),
+        base_width=int(arch["base_width"]),
+        anchor_sizes=tuple(arch["anchor_sizes"]),
+        aspect_ratios=tuple(arch["aspect_ratios"]),
+        num_convs=int(arch.get("num_convs", 1)),
+        fpn_norm=bool(arch.get("fpn_norm", False)),
+        stride_in_1x1=bool(arch.get("stride_in_1x1", True)),
+        pre_nms_topk=int(arch["pre_nms_topk"]),
+        post_nms_topk=int(arch["post_nms_topk"]),
+        nms_thresh=float(arch["nms_thresh"]),
         rngs=rngs,
     )
 
@@ -172,18 +166,18 @@ def _unflat(tree: Any, flat: dict[str, np.ndarray], where: str) -> Any:
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
 
-def load_rpn_weights(spec: dict[str, Any]) -> tuple[Any, Any]:
-    """(params, rest) of the RPN `spec` describes, read from `spec["weights"]` (on the host)."""
-    path = spec["weights"]
+def load_rpn_weights(arch: dict[str, Any]) -> tuple[Any, Any]:
+    """(params, rest) of the RPN `arch` describes, read from `arch["weights"]` (on the host)."""
+    path = arch["weights"]
     if path.endswith(".npz"):
         # Shapes only: every value comes from the file (an eager random init takes seconds).
-        _, params, rest = split_model(nnx.eval_shape(lambda: build_rpn(spec, nnx.Rngs(0))))
+        _, params, rest = split_model(nnx.eval_shape(lambda: build_rpn(arch, nnx.Rngs(0))))
         with np.load(path) as z:
             flat = dict(z)
         params = _unflat(params, {k[2:]: v for k, v in flat.items() if k.startswith("p/")}, path)
         rest = _unflat(rest, {k[2:]: v for k, v in flat.items() if k.startswith("r/")}, path)
         return params, rest
-    model = build_rpn(spec, nnx.Rngs(0))
+    model = build_rpn(arch, nnx.Rngs(0))
     if not path:  # "random"
         _, params, rest = split_model(model)
         return params, rest
@@ -192,13 +186,13 @@ def load_rpn_weights(spec: dict[str, Any]) -> tuple[Any, Any]:
     return params, rest
 
 
-def export_rpn(spec: dict[str, Any], params: Any, rest: Any, directory: str) -> str:
-    """Writes `rpn.json` + `params.npz` (the format `load_rpn_spec` reads)."""
+def export_rpn(arch: dict[str, Any], params: Any, rest: Any, directory: str) -> str:
+    """Writes `rpn.json` + `params.npz` (the format `load_rpn_arch` reads)."""
     os.makedirs(directory, exist_ok=True)
     flat = {f"p/{k}": v for k, v in _flat(params).items()}
     flat.update({f"r/{k}": v for k, v in _flat(rest).items()})
     np.savez(os.path.join(directory, PARAMS_FILE), **flat)
-    keep = {k: v for k, v in spec.items() if k not in ("weights", "init")}
-    with open(os.path.join(directory, SPEC_FILE), "w") as f:
+    keep = {k: v for k, v in arch.items() if k not in ("weights", "init")}
+    with open(os.path.join(directory, ARCH_FILE), "w") as f:
         json.dump(keep, f, indent=2)
     return directory

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 # Keys under which training scripts nest the state dict, tried in this order.
@@ -127,6 +128,7 @@ def _looks_like_safetensors(path: Path, head: bytes) -> bool:
 
 def _import_torch(path: Path):
     try:
+        # lazy: torch is an optional dependency (the `torch` extra)
         import torch
     except ImportError as e:
         raise ImportError(
@@ -218,8 +220,6 @@ def _to_numpy_dict(path: Path, sd: Mapping[str, Any], torch) -> dict[str, np.nda
 def _tensor_to_numpy(t, torch) -> np.ndarray:
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         # NumPy has no bfloat16; reinterpret the bits instead of rounding through float32.
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
@@ -247,6 +247,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
+        # lazy: safetensors is an optional dependency
         from safetensors.numpy import load_file
     except ImportError as e:
         raise ImportError(

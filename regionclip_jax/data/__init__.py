@@ -1,11 +1,17 @@
-"""regionclip_jax.data: shard format, grain pipelines, ShapesWorld.
+"""regionclip_jax.data: shards, converters, grain pipelines, ShapesWorld, a run's inputs.
 
-  - schema.py: the versioned record schema (msgpack) and the bad-record policy;
-  - shards.py: `ShardWriter`, `open_shards`, `ShardReader` (ArrayRecord files + manifest.json);
-  - transforms.py: resize / flip / normalise / pad, NumPy;
-  - pipeline.py: `make_pretrain_dataset` (grain);
-  - shapesworld.py: the procedural data set (`generate`, `render_scene`);
-  - commands.py: the `regionclip-jax shapesworld` command.
+  - schema.py, shards.py: the versioned record schema (msgpack), the bad-record policy, and
+    ArrayRecord shards (`ShardWriter`, `open_shards`, `ShardReader`);
+  - convert_imagetext.py, convert_detection.py: image-text and COCO / LVIS json -> shards;
+    input_files.py: users' input files read with errors naming the file and line;
+  - ov_splits.py: open-vocabulary category splits (COCO 48/17, LVIS base/novel);
+    concepts.py: the concept pool (frequent caption nouns);
+  - transforms.py, pipeline.py, detection_pipeline.py: NumPy transforms and the grain pipelines of
+    pretraining and detection;
+  - shapesworld.py: the procedural data set (`generate`, `render_scene`); tfds_shapesworld.py: it and
+    tfds detection data as tensorflow-datasets sources;
+  - inputs.py: the inputs of a training run, resolved from its config;
+  - commands.py: the data subcommands of `regionclip-jax`.
 
 Names are imported lazily: `pipeline` imports grain (and with it JAX), the rest does not.
 """

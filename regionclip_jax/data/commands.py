@@ -65,6 +65,7 @@ def add_shapesworld_parser(subparsers) -> argparse.ArgumentParser:
 
 def shapesworld_command(args: argparse.Namespace) -> int:
     """Generates ShapesWorld with a progress bar and prints a summary; returns 0."""
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from tqdm import tqdm
 
     from regionclip_jax.data import shapesworld
@@ -188,6 +189,7 @@ def _common_shard_arguments(p: argparse.ArgumentParser) -> None:
 
 def make_shards_command(args: argparse.Namespace) -> int:
     """Runs a converter with a progress bar; prints the summary; returns 0."""
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from tqdm import tqdm
 
     from regionclip_jax.data.convert_imagetext import format_summary
@@ -205,6 +207,7 @@ def make_shards_command(args: argparse.Namespace) -> int:
             set_total=lambda n: setattr(bar, "total", n),
         )
         if args.kind == "imagetext":
+            # lazy: a CLI command module; each command loads only what it runs (fast --help)
             from regionclip_jax.data.convert_imagetext import convert_imagetext
 
             manifest = convert_imagetext(
@@ -215,6 +218,7 @@ def make_shards_command(args: argparse.Namespace) -> int:
                 **common,
             )
         else:
+            # lazy: a CLI command module; each command loads only what it runs (fast --help)
             from regionclip_jax.data.convert_detection import convert_detection
 
             manifest = convert_detection(
@@ -256,6 +260,7 @@ def add_concepts_arguments(p: argparse.ArgumentParser) -> None:
 
 def concepts_command(args: argparse.Namespace) -> int:
     """Builds the concept pool; prints a summary; returns 0."""
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from regionclip_jax.data.concepts import build_concept_pool
 
     s = build_concept_pool(

@@ -41,6 +41,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 
 from regionclip_jax.data.input_files import decode_utf8, json_line, load_json_file, read_utf8
+from regionclip_jax.data.shards import ShardReader
 
 # -- word lists of the fallback -------------------------------------------------------------
 
@@ -149,6 +150,7 @@ def extract_nouns_rules(caption: str) -> list[str]:
 def spacy_model_name() -> str | None:
     """The name of an installed English spaCy model, or None (spaCy or model missing)."""
     try:
+        # lazy: spaCy is optional (not a dependency of the package)
         import spacy.util
     except ImportError:
         return None
@@ -160,6 +162,7 @@ def spacy_model_name() -> str | None:
 
 
 def _spacy_mentions(captions: Iterable[str], model: str, batch_size: int) -> Iterator[str]:
+    # lazy: spaCy is optional (not a dependency of the package)
     import spacy
 
     nlp = spacy.load(model, disable=["ner"])
@@ -181,8 +184,6 @@ def iter_captions(paths: Sequence[str]) -> Iterator[str]:
     for path in paths:
         path = os.fspath(path)
         if os.path.isdir(path) or path.endswith("manifest.json"):
-            from regionclip_jax.data.shards import ShardReader
-
             with ShardReader(path) as reader:
                 for rec in reader:
                     yield from rec["captions"]

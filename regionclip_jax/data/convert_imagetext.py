@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import glob as _glob
 import hashlib
 import io
 import json
@@ -720,8 +721,6 @@ def convert_imagetext(
       source: the records' `source` (default: the format name).
       part_size: images per part for list/folder/coco inputs.
     """
-    import glob as _glob
-
     files: list[str] = []
     for i in inputs:
         expanded = sorted(_glob.glob(i)) if any(c in i for c in "*?[") else [i]

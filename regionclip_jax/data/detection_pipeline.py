@@ -69,7 +69,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import msgpack
 import numpy as np
+from pycocotools import mask as mask_util
 
 from regionclip_jax.data import transforms as T
 from regionclip_jax.data.pipeline import GlobalBatchSlice, ShardSource, batch_and_prefetch
@@ -195,8 +197,6 @@ class _Indexed:
 
 def _category_ids_fast(data: bytes) -> np.ndarray | None:
     """category_ids of an encoded record without copying its image (msgpack streaming)."""
-    import msgpack
-
     up = msgpack.Unpacker(io.BytesIO(data), raw=False)
     for _ in range(up.read_map_header()):
         key = up.unpack()
@@ -315,8 +315,6 @@ class DetectionTransform(grain.transforms.RandomMap):
         """(gt_masks uint8[R, Hm, Wm], mask_valid bool[R]) of the record's `masks` (RLEs at the
         stored `image_hw`) taken at the record indices `kept`, in slot order; the image was
         resized to `new_hw` and maybe flipped (module docstring)."""
-        from pycocotools import mask as mask_util
-
         hm, wm = T.mask_shape(self.canvas, self.mask_scale)
         out = np.zeros((self.max_boxes, hm, wm), np.uint8)
         valid = np.zeros((self.max_boxes,), bool)

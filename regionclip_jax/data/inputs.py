@@ -43,6 +43,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import msgpack
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -302,8 +303,6 @@ def check_training_boxes(source: Any, category_map: Mapping[int, int], where: st
 
 def _has_masks_fast(data: bytes) -> bool:
     """Whether an encoded record has at least one instance mask, without decoding its image."""
-    import msgpack
-
     up = msgpack.Unpacker(io.BytesIO(data), raw=False)
     for _ in range(up.read_map_header()):
         key = up.unpack()
@@ -336,8 +335,6 @@ def check_training_masks(source: Any, where: str) -> int:
 
 
 def _record_id_fast(data: bytes) -> str | None:
-    import msgpack
-
     up = msgpack.Unpacker(io.BytesIO(data), raw=False)
     for _ in range(up.read_map_header()):
         key = up.unpack()

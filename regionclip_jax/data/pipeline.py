@@ -59,6 +59,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from regionclip_jax.data import transforms as T
 from regionclip_jax.data.schema import RecordError, decode_record
@@ -222,8 +223,6 @@ class FinishBatch(grain.transforms.Map):
 def _mark_flags_parsed(worker_index: int, worker_count: int) -> None:
     # grain reads absl flags in its worker processes; outside app.run they must be marked parsed.
     del worker_index, worker_count
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

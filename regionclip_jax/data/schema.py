@@ -52,6 +52,7 @@ from typing import Any
 import msgpack
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_util
 
 SCHEMA_VERSION = 1
 
@@ -303,8 +304,6 @@ def _polygon_rle(seg: Any, frame: tuple[int, int], hw: tuple[int, int]) -> dict 
     non-finite one (one bad polygon rejects the whole segmentation). Coordinates are scaled by
     hw / frame first, so a rescaled image gets the exactly rescaled outline.
     """
-    from pycocotools import mask as mask_util
-
     if not seg or not all(isinstance(p, list | tuple) for p in seg):
         return None
     polys = []
@@ -328,8 +327,6 @@ def _rle_rle(seg: Mapping[str, Any], frame: tuple[int, int], hw: tuple[int, int]
     A frame other than `hw` (an image rescaled to its file's size) is resampled nearest-neighbour
     at the pixel centres of `hw`.
     """
-    from pycocotools import mask as mask_util
-
     size = seg.get("size")
     if not isinstance(size, list | tuple) or [*size] != [frame[0], frame[1]]:
         return None
@@ -356,8 +353,6 @@ def _rle_rle(seg: Mapping[str, Any], frame: tuple[int, int], hw: tuple[int, int]
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     """bool/uint8[h, w] -> the record's compressed RLE {"size": [h, w], "counts": bytes}."""
-    from pycocotools import mask as mask_util
-
     rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
 

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from regionclip_jax.data.schema import encode_mask
+from regionclip_jax.data.shards import ShardWriter
 
 # Bump when a change alters the generated pixels, boxes or captions for the same arguments.
 GENERATOR_VERSION = 1
@@ -771,8 +772,6 @@ def generate(
       The summary also written to shapesworld.json (plus "seconds" and "images_per_second").
     """
     # Imported here: keeps `render_scene` importable without array_record (worker processes).
-    from regionclip_jax.data.shards import ShardWriter
-
     config = config or ShapesWorldConfig()
     if image_size is not None:
         config_kwargs["image_size"] = image_size

@@ -39,9 +39,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from regionclip_jax.data import shapesworld
 from regionclip_jax.data.schema import SkipRecord, encode_record, sanitize_record
+from regionclip_jax.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +230,9 @@ class TfdsDetectionSource:
         k = self.keys
         image = _get(ex, k["image"])
         if isinstance(image, np.ndarray):
-            from PIL import Image
-
             buf = io.BytesIO()
             Image.fromarray(image.astype(np.uint8)).save(buf, format="PNG", compress_level=1)
             image = buf.getvalue()
-        from PIL import Image
-
         with Image.open(io.BytesIO(image)) as im:
             width, height = im.size
         bbox = _get(ex, k["bbox"])
@@ -280,8 +278,6 @@ class TfdsDetectionSource:
 
     def write_shards(self, out_dir: str, *, records_per_shard: int = 5000, **kwargs) -> dict:
         """Materialises the source as shards (ShardWriter policy; no caption required)."""
-        from regionclip_jax.data.shards import ShardWriter
-
         kwargs.setdefault("require_captions", False)
         with ShardWriter(out_dir, "data", records_per_shard, **kwargs) as w:
             for i in range(len(self)):

@@ -43,7 +43,7 @@ def make_predict_fn(task: Any, graphdef: Any):
     the compiled FLOPs are those of one trunk pass; a trunk on different input adds one
     trunk's FLOPs). A `predict` that returned its feature map would make that explicit.
     """
-    t = task.t
+    t = task.detect
 
     @jax.jit
     def predict(params, rest, batch):
@@ -104,7 +104,7 @@ def evaluate(task: Any, graphdef: Any, state: dict[str, Any], out_dir: str) -> d
     `segm/AP50/novel`, ... for COCO; `segm/APr`, `segm/APc`, `segm/APf`, ... for LVIS) when
     every ground-truth annotation has a `segmentation` (else box metrics only, with a note).
     """
-    t, data = task.t, task.data
+    t, data = task.detect, task.data
     host = parallel.whole_on_one_device(state)
     predict = make_predict_fn(task, graphdef)
     source = ShardSource(open_shards(data.val))

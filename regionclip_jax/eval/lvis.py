@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from regionclip_jax.eval.masks import mask_iou, segmentation_to_rle
 from regionclip_jax.eval.results import DETECTION_DTYPE
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -242,8 +243,6 @@ def evaluate_lvis(
     g_box, g_ig = g_box[g_order], g_ig[:, g_order]
     g_rle: list[Any] = []
     if segm:
-        from regionclip_jax.eval.masks import segmentation_to_rle
-
         hw = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in data["images"]}
         if not all(a.get("segmentation") for a in anns):
             raise ValueError("iou_type 'segm': some ground-truth annotations have no segmentation")
@@ -295,8 +294,6 @@ def evaluate_lvis(
             g0, g1 = np.searchsorted(gk, [key, key + 1])
             d0, d1 = np.searchsorted(dk, [key, key + 1])
             if segm:
-                from regionclip_jax.eval.masks import mask_iou
-
                 ious = mask_iou(
                     [masks[i] for i in d_mask[ds + d0 : ds + d1].tolist()],
                     g_rle[gs + g0 : gs + g1],

@@ -23,6 +23,11 @@ act on lower-scored ones, so candidates scored <= s_drop cannot change picks mad
 
 Classes are separated by masking cross-class IoUs to 0 (`ops.nms`), which equals the original's
 coordinate offsets except for the offsets' float rounding.
+
+`detections_numpy` is the same selection for one image on the host (NumPy, exact, nothing to
+compile): the zero-shot recognizer's post-processing (`inference.recognizer`), whose inputs
+(one image, a vocabulary of any size, user thresholds) would otherwise compile a program per
+setting. Its docstring lists the corner cases where the two differ.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from regionclip_jax.ops.boxes import clip_boxes
 from regionclip_jax.ops.nms import batched_nms
@@ -137,6 +143,75 @@ def detections_from_scores(
     if objectness is None:
         return jax.vmap(lambda p, b, v, hw: one(p, b, v, hw, None))(probs, boxes, valid, image_hw)
     return jax.vmap(one)(probs, boxes, valid, image_hw, objectness)
+
+
+def nms_numpy(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS on the host (torchvision semantics: suppress IoU > threshold, IoU in float64),
+    indices by descending score (ties: lower index first).
+
+    Args:
+      boxes: float `[N, 4]` xyxy; scores: float `[N]`.
+
+    Returns:
+      int64 `[M]` indices of the kept boxes.
+    """
+    order = np.argsort(-scores, kind="stable")
+    b = boxes.astype(np.float64)
+    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0]), 0, None)
+        h = np.clip(np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1]), 0, None)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, np.int64)
+
+
+def detections_numpy(
+    probs: np.ndarray,
+    boxes: np.ndarray,
+    image_hw: tuple[int, int],
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    max_detections: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's detections on the host, exact: the zero-shot recognizer's post-processing
+    (steps 5-7 without fusion; no candidate cap, no compilation per shape or setting).
+
+    Clip the boxes to the image, keep the (box, class) pairs with probability > score_thresh,
+    per-class greedy NMS (`nms_numpy`), the `max_detections` best. The same selection as
+    `detections_from_scores` with every pair a candidate, except in three corner cases: IoU is
+    computed in float64 here (float32 there), so an IoU within rounding of `nms_thresh` may
+    differ; equal scores of different classes are ordered by (class, box) here, by (box, class)
+    there, which matters only at the `max_detections` cut; two zero-area boxes (IoU 0/0) suppress
+    each other here and not there.
+
+    Args:
+      probs: float `[R, K]` class probabilities, background column already dropped.
+      boxes: float `[R, 4]` xyxy; image_hw: (H, W) of the image the boxes are in.
+      score_thresh, nms_thresh, max_detections: as `detections_from_scores`'s `score_thresh`,
+        `nms_thresh`, `topk`.
+
+    Returns:
+      (boxes float32 `[N, 4]`, scores float32 `[N]`, labels int32 `[N]`), scores descending,
+      N <= max_detections.
+    """
+    h, w = image_hw
+    boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+    r_idx, k_idx = np.nonzero(probs > score_thresh)
+    scores = probs[r_idx, k_idx]
+    keep_all = []
+    for k in np.unique(k_idx):
+        sel = np.nonzero(k_idx == k)[0]
+        keep_all.append(sel[nms_numpy(boxes[r_idx[sel]], scores[sel], nms_thresh)])
+    keep = np.concatenate(keep_all) if keep_all else np.zeros(0, np.int64)
+    keep = keep[np.argsort(-scores[keep], kind="stable")][:max_detections]
+    return boxes[r_idx[keep]], scores[keep].astype(np.float32), k_idx[keep].astype(np.int32)
 
 
 def rescale_to_original(boxes: jax.Array, scale: jax.Array, orig_hw: jax.Array) -> jax.Array:

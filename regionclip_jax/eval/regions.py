@@ -18,6 +18,7 @@ from flax import nnx
 from regionclip_jax.data import transforms as T
 from regionclip_jax.data.pipeline import make_pretrain_dataset
 from regionclip_jax.models.region import RegionEncoder
+from regionclip_jax.models.split import SplitJit
 
 
 def region_predictions(
@@ -60,24 +61,25 @@ def region_predictions(
         drop_remainder=False,
         category_map=dict(category_map),
     )
-    encoder = RegionEncoder(visual, pooler_resolution=pooler_resolution)
-    graphdef, weights = nnx.split(encoder)
     text = np.asarray(class_emb, np.float32)
     text = jnp.asarray(text / np.linalg.norm(text, axis=-1, keepdims=True))
 
-    @jax.jit
-    def classify(weights, images, boxes):
-        feats = nnx.merge(graphdef, weights)(images, boxes).astype(jnp.float32)
+    def classify_regions(encoder, images, boxes):
+        feats = encoder(images, boxes).astype(jnp.float32)
         feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
         probs = jax.nn.softmax(feats @ text.T / 0.01, axis=-1)
         return jnp.argmax(probs, axis=-1), jnp.max(probs, axis=-1)
+
+    classify = SplitJit(
+        RegionEncoder(visual, pooler_resolution=pooler_resolution), classify_regions
+    )
 
     out: dict[str, list[Any]] = {k: [] for k in ("labels", "preds", "scores", "image", "boxes")}
     for batch in ds:
         n = len(batch["images"])
         # One static batch shape (compiled once): the last batch is padded with zeros.
         images, boxes = (T.pad_rows(batch[k], batch_size, 0) for k in ("images", "boxes"))
-        preds, scores = (np.asarray(x)[:n] for x in classify(weights, images, boxes))
+        preds, scores = (np.asarray(x)[:n] for x in classify(images, boxes))
         valid = batch["box_mask"] & (batch["labels"] >= 0)
         scale = batch["scale"][:, None, [1, 0, 1, 0]]  # (sy, sx) -> x, y, x, y
         out["labels"].append(batch["labels"][valid])

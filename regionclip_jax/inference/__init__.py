@@ -1,13 +1,14 @@
-"""Zero-shot region recognition with RegionCLIP / CLIP checkpoints (issue 4).
+"""Zero-shot region recognition and detection with RegionCLIP / CLIP checkpoints.
 
     from regionclip_jax.inference import RegionCLIP
     model = RegionCLIP.from_checkpoint("ckpt/regionclip_rn50")
     dets = model.detect("street.jpg", ["car", "bus", "person"], boxes=[[10, 20, 200, 180]])
     print(dets.to_json())
 
-Modules: `preprocess` (image loading, resize/normalise/pad, box frames), `vocabulary` (word
-lists, the on-disk class-embedding cache), `recognizer` (`RegionCLIP`), `visualize` (PNG
-drawing), `commands` (the `embed-text`, `region-features` and `classify` CLI subcommands).
+Modules: `recognizer` (`RegionCLIP`), `preprocess` (image loading, resize/normalise/pad, box
+frames), `vocabulary` (word lists, the on-disk class-embedding cache), `visualize` (PNG drawing),
+`proposals` (offline RPN proposals into shards: `add-proposals`), `random_model` (the notebook's
+random-model factory), `commands` (the inference subcommands of `regionclip-jax`).
 """
 
 import importlib

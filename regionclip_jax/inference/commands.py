@@ -68,6 +68,7 @@ def _image_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args):
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from regionclip_jax.inference.recognizer import RegionCLIP
 
     cache = None if args.cache_dir in ("none", "") else args.cache_dir
@@ -97,6 +98,7 @@ def read_boxes(path: str | os.PathLike, images: Sequence[str]) -> dict[str, list
       ValueError: not UTF-8, empty or not JSON (naming the file and line), a wrong structure, or
         no boxes for one of the images.
     """
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from regionclip_jax.data.input_files import load_json_file
 
     data = load_json_file(path, "boxes json")
@@ -158,6 +160,7 @@ def add_embed_text_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_embed_text(args: argparse.Namespace) -> int:
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     import numpy as np
 
     from regionclip_jax.inference.vocabulary import parse_vocabulary
@@ -199,6 +202,7 @@ def add_region_features_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_region_features(args: argparse.Namespace) -> int:
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     import numpy as np
 
     boxes = read_boxes(args.boxes, [args.image])[args.image]
@@ -366,6 +370,7 @@ def run_classify(args: argparse.Namespace) -> int:
         if not os.path.isfile(img):
             raise FileNotFoundError(2, "No such image file", img)
     boxes = None if args.boxes is None else read_boxes(args.boxes, images)
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from regionclip_jax.inference.vocabulary import parse_vocabulary
 
     words = parse_vocabulary(args.vocabulary)  # fail on a bad vocabulary before loading
@@ -404,6 +409,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def _classify_images(args, model, images, boxes, words, names, vis_dir, results: _Results):
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -440,6 +446,7 @@ def _classify_images(args, model, images, boxes, words, names, vis_dir, results:
             }
         )
         if args.vis:
+            # lazy: a CLI command module; each command loads only what it runs (fast --help)
             from regionclip_jax.inference.preprocess import load_image
             from regionclip_jax.inference.visualize import draw_detections
 
@@ -473,6 +480,7 @@ def add_convert_regionclip_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert_regionclip(args: argparse.Namespace) -> int:
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from regionclip_jax.convert.checkpoint import check_destination
     from regionclip_jax.convert.regionclip import load_regionclip_file, save_regionclip
 
@@ -539,6 +547,7 @@ def add_add_proposals_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_add_proposals(args: argparse.Namespace) -> int:
     """Runs `proposals.add_proposals` with a progress bar; prints the summary; returns 0."""
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from tqdm import tqdm
 
     from regionclip_jax.inference.proposals import add_proposals, format_summary

@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from regionclip_jax.data.transforms import normalize_image, pad_image, resize_image, resized_size
 
@@ -45,8 +46,6 @@ def load_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
                 a = a * 255.0
             a = np.clip(np.round(a), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(a)
-    from PIL import Image, UnidentifiedImageError
-
     path = os.fspath(image)
     if not os.path.exists(path):
         raise FileNotFoundError(2, "No such image file", path)

@@ -226,16 +226,16 @@ def add_proposals(
             f"{os.path.join(out_dir, MANIFEST_NAME)} exists: shards were already written there "
             "(pass overwrite=True / --overwrite to replace them)"
         )
-    spec, propose = load_offline_rpn(
+    arch, propose = load_offline_rpn(
         rpn, pre_nms_topk=pre_nms_topk, post_nms_topk=topk, nms_thresh=nms_thresh
     )
-    if canvas is not None and spec.get("kind") == "fpn" and (canvas[0] % 32 or canvas[1] % 32):
+    if canvas is not None and arch.get("kind") == "fpn" and (canvas[0] % 32 or canvas[1] % 32):
         raise ValueError(f"an FPN RPN needs a canvas divisible by 32, got {canvas}")
     settings = {
         "rpn": os.path.abspath(os.fspath(rpn)),
-        "rpn_kind": spec.get("kind"),
+        "rpn_kind": arch.get("kind"),
         "topk": int(topk),
-        "pre_nms_topk": int(spec["pre_nms_topk"]),
+        "pre_nms_topk": int(arch["pre_nms_topk"]),
         "nms_thresh": float(nms_thresh),
         "min_size": int(min_size),
         "max_size": int(max_size),

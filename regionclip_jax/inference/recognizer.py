@@ -12,11 +12,11 @@ last column, softmax over K + 1. Class embeddings: 81-template prompt ensemble o
 text tower, cached on disk (`vocabulary.EmbeddingCache`). Detection in GT / user-box mode (spec
 §6.1): no box deltas, boxes clipped to the image, background column dropped, (box, class) pairs
 above `score_thresh` kept, per-class NMS (IoU `nms_thresh`), top `max_detections`, boxes in
-original image pixels.
+original image pixels (`eval.postprocess.detections_numpy`).
 
 Proposal mode (no boxes; spec §6.1-6.2, the zero-shot RPN protocol): an offline class-agnostic
 RPN (`rpn=`: an `rpn` mode workdir, its export/ dir, or a detectron2 RPN .pth; see
-`convert.rpn.load_rpn_spec`) runs on the resized, zero-padded RGB 0..255 canvas; its valid
+`convert.rpn.load_rpn_arch`) runs on the resized, zero-padded RGB 0..255 canvas; its valid
 proposals, mapped to original pixels, are the boxes, used as they are (NO_BOX_DELTA) and
 classified and post-processed exactly as in GT mode. The optional RPN-score fusion of the original
 (MULTIPLY_RPN_SCORE) is not applied; `RegionScores.objectness` keeps the RPN logits. RPN test-time
@@ -53,6 +53,9 @@ import numpy as np
 from flax import nnx
 
 from regionclip_jax.convert import rpn as rpn_format
+from regionclip_jax.convert.regionclip import load_mask_head, load_regionclip
+from regionclip_jax.eval.masks import paste_masks_rle
+from regionclip_jax.eval.postprocess import detections_numpy
 from regionclip_jax.inference.preprocess import (
     Prepared,
     bucket_size,
@@ -65,7 +68,11 @@ from regionclip_jax.inference.vocabulary import (
     parse_vocabulary,
 )
 from regionclip_jax.losses.common import logits_with_background
+from regionclip_jax.models.detector import MaskHead
 from regionclip_jax.models.region import RegionEncoder
+from regionclip_jax.models.split import SplitJit
+from regionclip_jax.ops.roi_align import roi_align
+from regionclip_jax.text.embeddings import clip_text_embeddings
 from regionclip_jax.text.templates import TEMPLATES
 
 PROPOSAL_MODE_ERROR = (
@@ -168,56 +175,29 @@ class Detections:
         return json.dumps(self.to_dict(), **kwargs)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS (torchvision semantics: suppress IoU > threshold), indices by descending score.
+def _region_features(encoder: RegionEncoder, images: jax.Array, boxes: jax.Array) -> jax.Array:
+    """images `[B, Hc, Wc, 3]`, boxes `[B, R, 4]` canvas xyxy -> float32 `[B, R, D]`."""
+    return encoder(images, boxes).astype(jnp.float32)
 
-    Args:
-      boxes: float `[N, 4]` xyxy; scores: float `[N]`.
+
+def _features_and_map(
+    encoder: RegionEncoder, images: jax.Array, boxes: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`_region_features` and the res4 map `[B, Hc/16, Wc/16, C]` they were pooled from.
+
+    The map is returned (it stays on the device) for the mask head of the final boxes.
     """
-    order = np.argsort(-scores, kind="stable")
-    b = boxes.astype(np.float64)
-    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        w = np.clip(np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0]), 0, None)
-        h = np.clip(np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1]), 0, None)
-        inter = w * h
-        iou = inter / (areas[i] + areas[rest] - inter)
-        order = rest[iou <= iou_threshold]
-    return np.asarray(keep, np.int64)
+    fmap = encoder.feature_map(images)
+    return encoder.pool(fmap, boxes).astype(jnp.float32), fmap
 
 
-def postprocess(
-    boxes: np.ndarray,
-    probs: np.ndarray,
-    image_hw: tuple[int, int],
-    *,
-    score_thresh: float,
-    nms_thresh: float,
-    max_detections: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GT-mode post-processing (spec §6.1 steps 3, 5-7): clip, threshold, per-class NMS, top-k.
-
-    Args:
-      boxes: `[R, 4]`; probs: `[R, K]` (background column already dropped); image_hw: (H, W).
-
-    Returns:
-      (boxes `[N, 4]`, scores `[N]`, labels int32 `[N]`), scores descending.
-    """
-    h, w = image_hw
-    boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
-    r_idx, k_idx = np.nonzero(probs > score_thresh)
-    scores = probs[r_idx, k_idx]
-    keep_all = []
-    for k in np.unique(k_idx):
-        sel = np.nonzero(k_idx == k)[0]
-        keep_all.append(sel[nms(boxes[r_idx[sel]], scores[sel], nms_thresh)])
-    keep = np.concatenate(keep_all) if keep_all else np.zeros(0, np.int64)
-    keep = keep[np.argsort(-scores[keep], kind="stable")][:max_detections]
-    return boxes[r_idx[keep]], scores[keep].astype(np.float32), k_idx[keep].astype(np.int32)
+def _mask_probs(modules: tuple[RegionEncoder, Any], fmap: jax.Array, boxes: jax.Array) -> jax.Array:
+    """fmap `[1, H, W, C]` res4 of one canvas, boxes `[N, 4]` canvas xyxy -> float32 `[N, P, P]`."""
+    enc, head = modules
+    p, n = enc.pooler_resolution, boxes.shape[0]
+    crops = roi_align(fmap, boxes[None].astype(jnp.float32), (p, p), 1.0 / enc.stride, 0, True)
+    res5 = enc.visual.res5(crops.reshape(n, p, p, fmap.shape[-1]).astype(fmap.dtype))
+    return jax.nn.sigmoid(head(res5).astype(jnp.float32))
 
 
 class RegionCLIP:
@@ -273,28 +253,18 @@ class RegionCLIP:
         self.cache = EmbeddingCache(cache_dir)
         self.box_chunk = box_chunk
         self.encoder = RegionEncoder(clip.visual, box_chunk=box_chunk)
-        enc_def, self._enc_state = nnx.split(self.encoder)
-        clip_def, self._clip_state = nnx.split(clip)
-
-        @jax.jit
-        def features(state, images, boxes):
-            return nnx.merge(enc_def, state)(images, boxes).astype(jnp.float32)
-
-        @jax.jit
-        def encode_text(state, ids):
-            return nnx.merge(clip_def, state).encode_text(ids).astype(jnp.float32)
-
-        self._features_fn = features
-        self._encode_text_fn = encode_text
+        # Compiled once each; jit's cache keys on the shapes (one program per box bucket).
+        self._features_fn = SplitJit(self.encoder, _region_features)
+        self._encode_text_fn = SplitJit(clip, lambda m, ids: m.encode_text(ids).astype(jnp.float32))
         self.mask_head = mask_head
         if mask_head is not None:
-            self._init_mask_head(enc_def, mask_head)
+            self._init_mask_head(mask_head)
         self.rpn_path = None if rpn is None else os.fspath(rpn)
-        self.rpn_spec: dict[str, Any] | None = None
+        self.rpn_arch: dict[str, Any] | None = None
         if rpn is not None:
             self._load_rpn(self.rpn_path, rpn_pre_nms_topk, rpn_post_nms_topk, rpn_nms_thresh)
 
-    def _init_mask_head(self, enc_def: Any, mask_head: Any) -> None:
+    def _init_mask_head(self, mask_head: Any) -> None:
         """The jitted programs of the mask path (module docstring)."""
         if not self.encoder.is_resnet:
             raise ValueError("a mask head needs a ResNet image tower (res5 feature maps)")
@@ -302,32 +272,8 @@ class RegionCLIP:
         have = int(mask_head.deconv_kernel[...].shape[2])
         if have != want:
             raise ValueError(f"the mask head reads {have} channels, this tower's res5 has {want}")
-        head_def, self._mask_state = nnx.split(mask_head)
-
-        @jax.jit
-        def features_and_map(state, images, boxes):
-            # The feature map is returned (it stays on the device) for the mask head of the
-            # final boxes; the region features are `features`' computation.
-            enc = nnx.merge(enc_def, state)
-            fmap = enc.feature_map(images)
-            return enc.pool(fmap, boxes).astype(jnp.float32), fmap
-
-        @jax.jit
-        def mask_probs(state, head_state, fmap, boxes):
-            # fmap [1, H, W, C] res4 of one canvas, boxes [N, 4] canvas xyxy -> [N, P, P].
-            from regionclip_jax.ops import roi_align
-
-            enc = nnx.merge(enc_def, state)
-            p, n = enc.pooler_resolution, boxes.shape[0]
-            crops = roi_align(
-                fmap, boxes[None].astype(jnp.float32), (p, p), 1.0 / enc.stride, 0, True
-            )
-            res5 = enc.visual.res5(crops.reshape(n, p, p, fmap.shape[-1]).astype(fmap.dtype))
-            logits = nnx.merge(head_def, head_state)(res5)
-            return jax.nn.sigmoid(logits.astype(jnp.float32))
-
-        self._features_and_map_fn = features_and_map
-        self._mask_probs_fn = mask_probs
+        self._features_and_map_fn = SplitJit(self.encoder, _features_and_map)
+        self._mask_probs_fn = SplitJit((self.encoder, mask_head), _mask_probs)
 
     def _load_rpn(
         self, path: str, pre_nms_topk: int | None, post_nms_topk: int, nms_thresh: float
@@ -338,7 +284,7 @@ class RegionCLIP:
             )
         if not 0.0 < nms_thresh <= 1.0:
             raise ValueError(f"rpn_nms_thresh must be in (0, 1], got {nms_thresh}")
-        self.rpn_spec, self._rpn_fn = rpn_format.load_offline_rpn(
+        self.rpn_arch, self._rpn_fn = rpn_format.load_offline_rpn(
             path, pre_nms_topk=pre_nms_topk, post_nms_topk=post_nms_topk, nms_thresh=nms_thresh
         )
 
@@ -360,14 +306,10 @@ class RegionCLIP:
         `detect` returns masks; `masks=False` leaves it out. Other keyword options as
         `RegionCLIP`.
         """
-        from regionclip_jax.convert.regionclip import load_mask_head, load_regionclip
-
         if rpn is not None:  # before the (possibly large) checkpoint is read
             rpn_format.check_rpn_path(rpn)
         weights = load_regionclip(directory)
         if masks and weights.mask_head:
-            from regionclip_jax.models.detector import MaskHead
-
             visual = weights.clip.visual
             if "mask_head" in kwargs:
                 raise TypeError("give mask_head= or a checkpoint with a mask head, not both")
@@ -390,7 +332,7 @@ class RegionCLIP:
     @property
     def has_rpn(self) -> bool:
         """Whether an offline RPN is loaded (proposal mode available)."""
-        return self.rpn_spec is not None
+        return self.rpn_arch is not None
 
     @property
     def has_mask_head(self) -> bool:
@@ -427,25 +369,19 @@ class RegionCLIP:
             size = -(-size // self.box_chunk) * self.box_chunk
         padded = np.zeros((b, size, 4), np.float32)
         padded[:, :r] = boxes
-        out = self._features_fn(self._enc_state, jnp.asarray(images), jnp.asarray(padded))
+        out = self._features_fn(jnp.asarray(images), jnp.asarray(padded))
         return np.asarray(out)[:, :r]
 
     def text_embeddings(
         self, vocabulary: str | Sequence[str], *, templates: Sequence[str] = TEMPLATES
     ) -> tuple[list[str], np.ndarray]:
         """(words, float32 `[K, D]` un-normalised prompt-ensemble embeddings), cached on disk."""
-        from regionclip_jax.text.embeddings import prompt_ensemble_embeddings
-
         words = parse_vocabulary(vocabulary)
         templates = list(templates)
 
         def compute():
-            return prompt_ensemble_embeddings(
-                lambda ids: self._encode_text_fn(self._clip_state, ids),
-                words,
-                templates=templates,
-                context_length=self.clip.config.context_length,
-                jit=False,
+            return clip_text_embeddings(
+                self.clip, words, templates, encode_text=self._encode_text_fn
             )
 
         emb = self.cache.get_or_compute(
@@ -545,7 +481,7 @@ class RegionCLIP:
         padded = np.zeros((1, size, 4), np.float32)
         padded[:, :r] = boxes
         feats, fmap = self._features_and_map_fn(
-            self._enc_state, jnp.asarray(image, jnp.float32), jnp.asarray(padded)
+            jnp.asarray(image, jnp.float32), jnp.asarray(padded)
         )
         return np.asarray(feats)[0, :r], fmap
 
@@ -574,7 +510,7 @@ class RegionCLIP:
             return np.zeros((0, p, p), np.float32)
         padded = np.zeros((bucket_size(n), 4), np.float32)  # one compile per detection bucket
         padded[:n] = canvas_boxes
-        out = self._mask_probs_fn(self._enc_state, self._mask_state, fmap, jnp.asarray(padded))
+        out = self._mask_probs_fn(fmap, jnp.asarray(padded))
         return np.asarray(out)[:n]
 
     def classify_regions(
@@ -603,7 +539,7 @@ class RegionCLIP:
     # ------------------------------------------------------------------------- proposal mode
 
     def _require_rpn(self) -> None:
-        if self.rpn_spec is None:
+        if self.rpn_arch is None:
             raise ValueError(PROPOSAL_MODE_ERROR)
 
     def _proposals(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
@@ -730,9 +666,9 @@ class RegionCLIP:
             prepared, b = self.prepare(image, boxes, clip_boxes=clip_boxes)
             objectness = None
         scores, fmap = self._scores(prepared, b, names, emb, objectness, keep_map=with_masks)
-        out_boxes, out_scores, labels = postprocess(
-            scores.boxes,
+        out_boxes, out_scores, labels = detections_numpy(
             scores.probs,
+            scores.boxes,
             scores.image_hw,
             score_thresh=score_thresh,
             nms_thresh=nms_thresh,
@@ -740,8 +676,6 @@ class RegionCLIP:
         )
         rles = None
         if with_masks:
-            from regionclip_jax.eval.masks import paste_masks_rle
-
             probs = self.mask_probabilities(fmap, prepared.to_canvas(out_boxes))
             rles = paste_masks_rle(probs, out_boxes, prepared.original_hw)
         return Detections(out_boxes, out_scores, labels, scores.names, rles), scores

@@ -6,6 +6,9 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from regionclip_jax.eval.masks import decode_rle
 
 # Distinct, readable colours (Tableau 10), cycled by class index.
 _COLOURS = (
@@ -49,8 +52,6 @@ def draw_boxes(
     Returns:
       the `PIL.Image.Image`.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     if class_ids is None:
         order = {n: i for i, n in enumerate(dict.fromkeys(labels))}
         class_ids = [order[n] for n in labels]
@@ -84,8 +85,6 @@ def _blend_masks(
     out = rgb.astype(np.float32)
     for i, m in enumerate(masks):
         if isinstance(m, dict):
-            from regionclip_jax.eval.masks import decode_rle
-
             m = decode_rle(m)
         m = np.asarray(m, bool)
         if m.shape != rgb.shape[:2]:

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from regionclip_jax.data.input_files import read_utf8
+from regionclip_jax.text.tokenizer import clean_text
+
 
 def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]:
     """The words of a vocabulary, one class each.
@@ -55,8 +58,6 @@ def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]
     if isinstance(vocabulary, os.PathLike) or (
         isinstance(vocabulary, str) and os.path.isfile(vocabulary)
     ):
-        from regionclip_jax.data.input_files import read_utf8
-
         text = read_utf8(vocabulary, "vocabulary file")
         for lineno, ln in enumerate(text.splitlines(), 1):
             w = ln.strip()
@@ -77,8 +78,6 @@ def parse_vocabulary(vocabulary: str | os.PathLike | Sequence[str]) -> list[str]
         where = "vocabulary"
     if not entries:
         raise ValueError(f"{where} is empty: give at least one word (e.g. 'cat,dog')")
-    from regionclip_jax.text.tokenizer import clean_text
-
     first: dict[str, tuple[str, str]] = {}
     dupes = []
     for w, at in entries:

@@ -1,4 +1,4 @@
-"""Pretraining and detection losses: pure functions of padded arrays and validity masks."""
+"""Pretraining, detection and RPN losses: pure functions of padded arrays and validity masks."""
 
 from regionclip_jax.losses.common import l2_normalize, logits_with_background
 from regionclip_jax.losses.detection import box_regression_loss, fast_rcnn_classification_loss

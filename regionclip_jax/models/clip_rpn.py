@@ -19,18 +19,18 @@ class ClipRPN(nnx.Module):
     normalisation itself.
     """
 
-    def __init__(self, clip_config: Any, spec: dict[str, Any], *, rngs: nnx.Rngs):
+    def __init__(self, clip_config: Any, arch: dict[str, Any], *, rngs: nnx.Rngs):
         self.visual = build_visual(clip_config, rngs=rngs)
-        self.freeze_at = int(spec.get("freeze_at", 2))
+        self.freeze_at = int(arch.get("freeze_at", 2))
         self.rpn = RPN(
             kind="features",
             in_channels=clip_config.vision_width * 16,  # res4 of a ModifiedResNet
             strides=(16,),
-            anchor_sizes=tuple(spec["anchor_sizes"]),
-            aspect_ratios=tuple(spec["aspect_ratios"]),
-            pre_nms_topk=int(spec["pre_nms_topk"]),
-            post_nms_topk=int(spec["post_nms_topk"]),
-            nms_thresh=float(spec["nms_thresh"]),
+            anchor_sizes=tuple(arch["anchor_sizes"]),
+            aspect_ratios=tuple(arch["aspect_ratios"]),
+            pre_nms_topk=int(arch["pre_nms_topk"]),
+            post_nms_topk=int(arch["post_nms_topk"]),
+            nms_thresh=float(arch["nms_thresh"]),
             rngs=rngs,
         )
 

@@ -37,14 +37,8 @@ from flax import nnx
 
 from regionclip_jax.models.resnet import ModifiedResNet
 from regionclip_jax.models.vit import VisionTransformer
+from regionclip_jax.ops import roi_align
 from regionclip_jax.parallel import shard_act
-
-
-def _roi_align(*args, **kwargs):
-    # Imported at call time: the op module is only loaded when regions are pooled.
-    from regionclip_jax.ops import roi_align
-
-    return roi_align(*args, **kwargs)
 
 
 def default_pooler_resolution(visual: ModifiedResNet | VisionTransformer) -> int:
@@ -225,7 +219,7 @@ class RegionEncoder(nnx.Module):
         n, chunk = b * r, self.box_chunk
         if chunk is not None and chunk < n and n % chunk:
             raise ValueError(f"B*R = {n} boxes is not a multiple of box_chunk = {chunk}")
-        crops = _roi_align(
+        crops = roi_align(
             feature_map,
             boxes.astype(jnp.float32),
             output_size=(p, p),

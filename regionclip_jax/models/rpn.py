@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from regionclip_jax.losses.rpn import rpn_losses
 from regionclip_jax.models.layers import CONV_AXES, Dtype, FrozenBatchNorm
 from regionclip_jax.ops import boxes as box_ops
 from regionclip_jax.ops.anchors import AnchorGenerator
@@ -651,8 +652,6 @@ class RPN(nnx.Module):
         Returns:
           `{"loss_rpn_cls": [], "loss_rpn_loc": []}` float32.
         """
-        from regionclip_jax.losses.rpn import rpn_losses
-
         del image_hw
         self._check_levels(features)
         logits, deltas = self.rpn_head(features)

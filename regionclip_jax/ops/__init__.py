@@ -1,7 +1,9 @@
 """regionclip_jax.ops: pure detection ops (no parameters), static shapes, jit/vmap/grad-safe.
 
 Note: the function `roi_align` shadows the submodule of the same name as a package attribute
-(as in torchvision); reach the module with `importlib.import_module("regionclip_jax.ops.roi_align")`.
+(as in torchvision); code that needs the module's other names imports them from it
+(`from regionclip_jax.ops.roi_align import roi_align_weights`); the helpers the XLA and Pallas
+implementations share live in `ops.roi_align_common`.
 """
 
 from regionclip_jax.ops.anchors import AnchorGenerator, cell_anchors, grid_anchors

@@ -63,206 +63,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from regionclip_jax.ops.roi_align_common import (
+    Axis,
+    contract_dense,
+    flatten_boxes,
+    pair,
+    roi_align_einsum,
+)
+
 # Window sizes (pixels per bin along each axis) of the "gather" branches. A bin with adaptive
 # sampling touches at most ceil(bin) + 1 rows; bins of up to ~6 px (boxes up to 14 * 6 feature px
 # = the whole 800 x 1333 image at stride 16 for 14 x 14 outputs) stay in the windowed branches.
 _WINDOWS = (2, 3, 4, 6, 8)
 # Windows with more pixels than this are visited by a loop instead of unrolled code.
 _UNROLL_MAX = 16
-# Candidate samples per (bin, row) under adaptive sampling (see the module docstring).
-_ADAPTIVE_CANDIDATES = 6
-# Budget (bytes) for the first-stage product of a chunk in the dense contraction.
-_EINSUM_CHUNK_BYTES = 48 * 2**20
-
-
-def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(output_size, int | np.integer):
-        return int(output_size), int(output_size)
-    oh, ow = output_size
-    return int(oh), int(ow)
-
-
-def _exact_div(x, d):
-    """`x / d` with `d` broadcast to `x`, rounded as a true division.
-
-    XLA rewrites a division by a broadcast into a multiplication by the broadcast reciprocal,
-    which is off by an ulp; a divisor that is not a broadcast op (here `d + x * 0`) is left alone.
-    """
-    return x / (d + x * 0.0)
-
-
-class _Axis:
-    """Per-RoI sampling geometry along one axis (rows or columns), torchvision's arithmetic.
-
-    Attributes (all `[N]` float32): `start` (first bin edge, feature pixels), `bin` (bin size,
-    negative for degenerate boxes with aligned=True), `count` (samples per bin, an integer value;
-    0 or negative means no samples), `zero` (a data-dependent 0.0, see the module docstring).
-    """
-
-    def __init__(self, lo, hi, bins: int, length: int, scale: float, sampling_ratio: int, aligned):
-        lo = lo.astype(jnp.float32)
-        hi = hi.astype(jnp.float32)
-        self.zero = lo * 0.0
-        offset = 0.5 if aligned else 0.0
-        self.start = (lo * scale + self.zero) - offset
-        end = (hi * scale + self.zero) - offset
-        size = end - self.start
-        if not aligned:
-            size = jnp.maximum(size, 1.0)
-        divisor = bins + self.zero
-        self.bin = size / divisor
-        if sampling_ratio > 0:
-            self.count = sampling_ratio + self.zero
-        else:
-            self.count = jnp.ceil(size / divisor)
-        self.bins = bins
-        self.length = length
-        self.sampling_ratio = sampling_ratio
-
-    def take(self, idx) -> _Axis:
-        new = object.__new__(_Axis)
-        new.__dict__.update(self.__dict__)
-        for name in ("zero", "start", "bin", "count"):
-            setattr(new, name, getattr(self, name)[idx])
-        return new
-
-    def bin_starts(self):
-        """`[N, bins]` first edge of each bin: start + p * bin, rounded like torchvision."""
-        p = jnp.arange(self.bins, dtype=jnp.float32)
-        return self.start[:, None] + (p * self.bin[:, None] + self.zero[:, None])
-
-    def support(self):
-        """Rows that can carry weight, per bin.
-
-        Returns:
-          lo: `[N, bins]` int32, the lowest row with (possibly) nonzero weight in each bin.
-          hi: `[N, bins]` int32, the highest such row (`hi >= lo`; bins without samples, or with
-            all samples outside [-1, length], get lo = hi = 0 and zero weights).
-        """
-        a = self.bin_starts()
-        count = jnp.maximum(self.count, 1.0)[:, None]
-        binsz = self.bin[:, None]
-        # Same expressions as in `weights` for i = 0 and i = count - 1: identical rounding.
-        first = a + _exact_div((0.0 + 0.5) * binsz, count)
-        last = a + _exact_div((count - 1.0 + 0.5) * binsz, count)
-        ymin = jnp.minimum(first, last)
-        ymax = jnp.maximum(first, last)
-        top = float(self.length - 1)
-        lo = jnp.floor(jnp.clip(ymin, 0.0, top))
-        hi = jnp.minimum(jnp.floor(jnp.clip(ymax, 0.0, top)) + 1.0, top)
-        empty = (self.count[:, None] < 1.0) | (ymax < -1.0) | (ymin > self.length)
-        lo = jnp.where(empty, 0.0, lo).astype(jnp.int32)
-        hi = jnp.where(empty, 0.0, hi).astype(jnp.int32)
-        return lo, hi
-
-    def weights(self, rows):
-        """Averaged bilinear weights of each bin on the given rows.
-
-        Args:
-          rows: `[N, bins, S]` int32 feature rows (any values; rows outside [0, length) get 0).
-
-        Returns:
-          `[N, bins, S]` float32: (1 / count) * sum over the bin's samples of their weight on row.
-        """
-        a = self.bin_starts()[:, :, None, None]  # [N, P, 1, 1]
-        binsz = self.bin[:, None, None, None]
-        count = self.count[:, None, None, None]
-        safe_count = jnp.maximum(count, 1.0)
-        h = rows.astype(jnp.float32)[..., None]  # [N, P, S, 1]
-        if self.sampling_ratio > 0:
-            i = jnp.arange(self.sampling_ratio, dtype=jnp.float32)
-            i = jnp.broadcast_to(i, (*rows.shape, self.sampling_ratio))
-        else:
-            step = binsz / safe_count
-            # floor(x) + 1 is the first sample with y > h - 1 (the first that can reach row h);
-            # starting at floor(x) and taking 6 leaves one spare on each side of the <= 4 needed.
-            i0 = jnp.floor((h - 1.0 - a) / step - 0.5)
-            i0 = jnp.clip(i0, 0.0, jnp.maximum(count, 0.0))
-            i = i0 + jnp.arange(_ADAPTIVE_CANDIDATES, dtype=jnp.float32)
-        y = a + _exact_div((i + 0.5) * binsz, safe_count)
-        valid = (i < count) & (y >= -1.0) & (y <= self.length)
-        y = jnp.maximum(y, 0.0)
-        low = jnp.floor(y)
-        top = float(self.length - 1)
-        at_end = low >= top
-        low = jnp.where(at_end, top, low)
-        frac = jnp.where(at_end, 0.0, y - low)
-        w = jnp.where(h == low, 1.0 - frac, 0.0) + jnp.where(h == low + 1.0, frac, 0.0)
-        w = jnp.where(valid, w, 0.0).sum(axis=-1)
-        return w / safe_count[..., 0]
-
-    def dense_weights(self):
-        """`[N, bins, length]` weights on every row."""
-        n = self.start.shape[0]
-        rows = jnp.broadcast_to(
-            jnp.arange(self.length, dtype=jnp.int32), (n, self.bins, self.length)
-        )
-        return self.weights(rows)
-
-
-def _flatten_boxes(boxes):
-    b, r = boxes.shape[:2]
-    flat = boxes.reshape(b * r, 4)
-    image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
-    return flat, image
-
-
-def _contract_dense(features, wy, wx, precision):
-    """One image: `features [H, W, C]`, `wy [n, oh, H]`, `wx [n, ow, W]` -> `[n, oh, ow, C]` fp32.
-
-    The cheaper contraction order is chosen statically; weights are cast to the feature dtype
-    (bf16 runs on the MXU natively), products accumulate in fp32.
-    """
-    h, w, _ = features.shape
-    oh, ow = wy.shape[1], wx.shape[1]
-    dt = features.dtype
-    cost_x_first = ow * w * h + oh * h * ow
-    cost_y_first = oh * h * w + ow * oh * w
-    f32 = jnp.float32
-    if cost_x_first <= cost_y_first:
-        t = jnp.einsum(
-            "nqw,hwc->nhqc",
-            wx.astype(dt),
-            features,
-            precision=precision,
-            preferred_element_type=f32,
-        )
-        return jnp.einsum("nph,nhqc->npqc", wy, t, precision=precision, preferred_element_type=f32)
-    t = jnp.einsum(
-        "nph,hwc->npwc", wy.astype(dt), features, precision=precision, preferred_element_type=f32
-    )
-    return jnp.einsum("nqw,npwc->npqc", wx, t, precision=precision, preferred_element_type=f32)
-
-
-def _einsum_chunk(h: int, w: int, c: int, oh: int, ow: int, r: int) -> int:
-    per_roi = max(h * ow, oh * w) * c * 4
-    return int(max(1, min(r, _EINSUM_CHUNK_BYTES // per_roi)))
-
-
-def _roi_align_einsum(features, boxes, oh, ow, scale, sampling_ratio, aligned, chunk_size):
-    b, h, w, c = features.shape
-    r = boxes.shape[1]
-    chunk = chunk_size or _einsum_chunk(h, w, c, oh, ow, r)
-    n_chunks = -(-r // chunk)
-    pad = n_chunks * chunk - r
-    # Padded RoIs are empty boxes (zero weights); their outputs are sliced off.
-    boxes = jnp.pad(boxes, ((0, 0), (0, pad), (0, 0)))
-    precision = jax.lax.Precision.HIGHEST if features.dtype == jnp.float32 else None
-
-    def one_image(args):
-        feat, bx = args
-
-        def one_chunk(bc):
-            ay = _Axis(bc[:, 1], bc[:, 3], oh, h, scale, sampling_ratio, aligned)
-            ax = _Axis(bc[:, 0], bc[:, 2], ow, w, scale, sampling_ratio, aligned)
-            wy = jax.lax.stop_gradient(ay.dense_weights())
-            wx = jax.lax.stop_gradient(ax.dense_weights())
-            return _contract_dense(feat, wy, wx, precision).astype(features.dtype)
-
-        out = jax.lax.map(one_chunk, bx.reshape(n_chunks, chunk, 4))
-        return out.reshape(n_chunks * chunk, oh, ow, c)[:r]
-
-    return jax.lax.map(one_image, (features, boxes))
 
 
 class _GatherPlan:
@@ -275,15 +89,15 @@ class _GatherPlan:
     def __init__(self, boxes, feature_shape, oh, ow, scale, sampling_ratio, aligned, chunk_size):
         b, h, w, c = feature_shape
         r = boxes.shape[1]
-        flat, image = _flatten_boxes(boxes)
+        flat, image = flatten_boxes(boxes)
         self.n = b * r
         self.chunk = int(min(chunk_size or 8, self.n))
         self.n_chunks = -(-self.n // self.chunk)
         pad = self.n_chunks * self.chunk - self.n
         flat = jnp.pad(flat, ((0, pad), (0, 0)))
         self.image = jnp.pad(image, (0, pad))
-        self.ay = _Axis(flat[:, 1], flat[:, 3], oh, h, scale, sampling_ratio, aligned)
-        self.ax = _Axis(flat[:, 0], flat[:, 2], ow, w, scale, sampling_ratio, aligned)
+        self.ay = Axis(flat[:, 1], flat[:, 3], oh, h, scale, sampling_ratio, aligned)
+        self.ax = Axis(flat[:, 0], flat[:, 2], ow, w, scale, sampling_ratio, aligned)
         self.lo_y, hi_y = self.ay.support()
         self.lo_x, hi_x = self.ax.support()
         need_y = (hi_y - self.lo_y + 1).max(axis=1)
@@ -360,7 +174,7 @@ def _gather_forward(features, plan: _GatherPlan):
 
         def one(args):
             img, wy1, wx1 = args
-            out = _contract_dense(features[img], wy1[None], wx1[None], jax.lax.Precision.HIGHEST)
+            out = contract_dense(features[img], wy1[None], wx1[None], jax.lax.Precision.HIGHEST)
             return out[0]
 
         return jax.lax.map(one, (plan.image[idx], wy, wx))
@@ -496,7 +310,7 @@ def roi_align(
     eagerly; inlined when called under an outer `jit`). `output_size` must be hashable (an int
     or a tuple).
     """
-    oh, ow = _pair(output_size)
+    oh, ow = pair(output_size)
     if features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4:
         raise ValueError(
             f"want features [B,H,W,C], boxes [B,R,4]; got {features.shape}, {boxes.shape}"
@@ -508,8 +322,9 @@ def roi_align(
     if impl == "gather":
         return _roi_align_gather(*args, chunk_size)
     if impl == "einsum":
-        return _roi_align_einsum(*args, chunk_size)
+        return roi_align_einsum(*args, chunk_size)
     if impl == "pallas":
+        # lazy: Pallas is only imported when the Pallas kernel is asked for
         from regionclip_jax.ops.roi_align_pallas import roi_align_pallas
 
         return roi_align_pallas(*args)
@@ -534,8 +349,8 @@ def roi_align_weights(
       wy: `[N, oh, H]` float32 row weights; wx: `[N, ow, W]` float32 column weights. Each already
       averages the bilinear weights of all samples of a bin (torchvision semantics).
     """
-    oh, ow = _pair(output_size)
+    oh, ow = pair(output_size)
     h, w = feature_hw
-    ay = _Axis(boxes[:, 1], boxes[:, 3], oh, h, spatial_scale, sampling_ratio, aligned)
-    ax = _Axis(boxes[:, 0], boxes[:, 2], ow, w, spatial_scale, sampling_ratio, aligned)
+    ay = Axis(boxes[:, 1], boxes[:, 3], oh, h, spatial_scale, sampling_ratio, aligned)
+    ax = Axis(boxes[:, 0], boxes[:, 2], ow, w, spatial_scale, sampling_ratio, aligned)
     return ay.dense_weights(), ax.dense_weights()

@@ -28,14 +28,12 @@ dense contraction of `roi_align.py` ("einsum" path), exact like the forward.
 from __future__ import annotations
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# The package attribute `roi_align` is the function; fetch the module itself.
-_ra = importlib.import_module("regionclip_jax.ops.roi_align")
+from regionclip_jax.ops.roi_align_common import Axis, flatten_boxes, roi_align_einsum
 
 
 def _next_pow2(x: int, at_least: int = 1) -> int:
@@ -83,8 +81,8 @@ def _pallas_forward(
 ):
     b, h, w, c = features.shape
     n = flat.shape[0]
-    ay = _ra._Axis(flat[:, 1], flat[:, 3], oh, h, scale, sampling_ratio, aligned)
-    ax = _ra._Axis(flat[:, 0], flat[:, 2], ow, w, scale, sampling_ratio, aligned)
+    ay = Axis(flat[:, 1], flat[:, 3], oh, h, scale, sampling_ratio, aligned)
+    ax = Axis(flat[:, 0], flat[:, 2], ow, w, scale, sampling_ratio, aligned)
     lo, hi = ay.support()
     # Row span of the whole RoI; bins with no support report lo = hi = 0, which is harmless.
     first = lo.min(axis=1).astype(jnp.int32)
@@ -108,6 +106,7 @@ def _pallas_forward(
     out_shape = jax.ShapeDtypeStruct((n, oh_pad, ow_pad, c), features.dtype)
     kernel = functools.partial(_kernel, oh=oh, tpu=tpu, cb=cb)
     if tpu:
+        # lazy: the TPU Pallas backend, only on TPU
         from jax.experimental.pallas import tpu as pltpu
 
         grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -182,7 +181,7 @@ def roi_align_pallas(
 
     @jax.custom_vjp
     def pool(features, boxes):
-        flat, image = _ra._flatten_boxes(boxes)
+        flat, image = flatten_boxes(boxes)
         return _pallas_forward(
             features,
             flat,
@@ -202,7 +201,7 @@ def roi_align_pallas(
         # contraction of the einsum path, evaluated without the forward.
         spec = jax.ShapeDtypeStruct(feature_shape, dtype_carrier.dtype)
         transpose = jax.linear_transpose(
-            lambda f: _ra._roi_align_einsum(f, boxes, *statics, None).reshape(b * r, oh, ow, c),
+            lambda f: roi_align_einsum(f, boxes, *statics, None).reshape(b * r, oh, ow, c),
             spec,
         )
         return transpose(cotangent)[0], jnp.zeros_like(boxes)

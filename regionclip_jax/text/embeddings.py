@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from regionclip_jax.models.split import SplitJit
 from regionclip_jax.text.templates import TEMPLATES, expand_templates
@@ -107,8 +109,6 @@ def prompt_ensemble_embeddings(
     ]
     fn = encode_text
     if jit:
-        import jax
-
         fn = jax.jit(encode_text)
     tokenizer = Tokenizer(context_length=context_length, truncate=truncate)
 
@@ -143,8 +143,6 @@ def prompt_ensemble_embeddings(
 
     progress = None
     if show_progress:
-        from tqdm.auto import tqdm
-
         progress = tqdm(total=len(prompts), unit="prompt", desc="prompt ensemble")
     pending = None
     try:

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import ftfy
+import instant_clip_tokenizer
 import numpy as np
 
 SOT_ID = 49406
@@ -65,8 +66,6 @@ def clean_text(text: str) -> str:
 def _backend():
     # Building the Rust tokenizer parses the embedded vocabulary (tens of ms): do it once per
     # process. The object is not picklable, which is why `Tokenizer` does not store it.
-    import instant_clip_tokenizer
-
     return instant_clip_tokenizer.Tokenizer()
 
 

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ def _all_processes_ok(ok: bool) -> bool:
     """Whether `ok` holds on every process (all processes call this at the same point)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
-
     flags = multihost_utils.process_allgather(np.array([int(ok)], np.int32))
     return bool(np.all(flags))
 
@@ -350,8 +349,6 @@ class Checkpointer:
                 os.rename(os.path.join(self.directory, str(step)), dest)
                 log.warning("moved unrestorable checkpoint %d to %s", step, dest)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("regionclip_jax checkpoints set aside")
         self.manager.reload()
 

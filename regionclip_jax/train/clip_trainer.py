@@ -30,21 +30,26 @@ import numpy as np
 from flax import nnx
 
 from regionclip_jax import config as config_lib
+from regionclip_jax import parallel
+from regionclip_jax.convert.checkpoint import save_clip
 from regionclip_jax.data import inputs
 from regionclip_jax.losses.pretrain import image_text_contrastive_loss
 from regionclip_jax.models import split as split_lib
 from regionclip_jax.models.clip import CLIP
 from regionclip_jax.models.layers import DTYPES
+from regionclip_jax.models.presets import CLIPConfig
 from regionclip_jax.train import loop as loop_lib
+from regionclip_jax.train import run as run_lib
 from regionclip_jax.train import state as state_lib
 
 
 class ClipTask:
-    """`loop.Task` for image-level CLIP training."""
+    """`loop.Task` for image-level CLIP training (with `run.run_task`'s export / evaluate hooks)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig | None = None):
+        """`clip_config`: the run's model config (`config.validate` returns it); None reads it."""
         self.config = config
-        self.clip_config = config_lib.clip_config(config)
+        self.clip_config = clip_config or config_lib.clip_config(config)
         self.dtype = DTYPES[config.model.dtype]
 
     def build_model(self, rngs: nnx.Rngs) -> CLIP:
@@ -86,6 +91,36 @@ class ClipTask:
         loss = image_text_contrastive_loss(img, txt, temperature=tau)
         return loss, {"temperature": tau, "i2t_acc": _i2t_accuracy(img, txt)}
 
+    # -- run.run_task hooks ---------------------------------------------------------------------
+
+    def export(self, result: loop_lib.TrainResult, workdir: str) -> None:
+        """The trained CLIP to `workdir/export` (save_clip format: a `model.init`)."""
+        model = state_lib.host_model(result.graphdef, result.state)
+        export_model(model, result.step, os.path.join(workdir, "export"))
+
+    def evaluate(self, result: loop_lib.TrainResult, workdir: str) -> dict[str, float]:
+        """Val retrieval (`evaluate_retrieval`) when `data.val` is set, whatever the process count:
+        process 0 evaluates the whole model on its first device; the others wait."""
+        del workdir
+        metrics: dict[str, float] = {}
+        if self.config.data.val:
+            whole = parallel.whole_on_one_device(result.state)  # collective: every process
+            if jax.process_index() == 0:
+                batch_size = int(self.config.data.batch_size)
+                with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
+                    metrics = evaluate_retrieval(
+                        self, result.graphdef, whole, self.config.data.val, batch_size
+                    )
+                if metrics:
+                    print(
+                        f"val retrieval (batches of {batch_size}): "
+                        f"image->text {metrics['val_i2t_top1']:.3f}, "
+                        f"text->image {metrics['val_t2i_top1']:.3f}",
+                        flush=True,
+                    )
+        parallel.sync_processes("clip_evaluated")
+        return metrics
+
 
 def _i2t_accuracy(img: jax.Array, txt: jax.Array) -> jax.Array:
     """Fraction of images whose own caption scores highest among the batch's captions."""
@@ -121,51 +156,22 @@ def evaluate_retrieval(
 def export_model(model: CLIP, step: int, directory: str) -> None:
     """Writes the trained CLIP (whole host arrays, `state_lib.host_model`) as a `save_clip`
     checkpoint (a `model.init` for pretraining). Every process calls it; process 0 writes."""
-    from regionclip_jax import parallel
-    from regionclip_jax.convert.checkpoint import save_clip
-
     if jax.process_index() == 0:
         save_clip(model, directory, overwrite=True, single_writer=True)
         print(f"exported the trained CLIP (step {step}) to {directory}", flush=True)
     parallel.sync_processes("clip_exported")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
-    """Trains image-level CLIP (`config.mode == 'clip'`); at the end exports the model to
-    `workdir/export` (save_clip format) and evaluates val retrieval, whatever the process count."""
-    from regionclip_jax import parallel
-
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy for data paths
-    # Before any data is generated (`loop.train` validates again, with the data paths).
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+def make_task(config: ml_collections.ConfigDict, clip_config: CLIPConfig, workdir: str) -> ClipTask:
+    """Mode `clip`'s side effects (ShapesWorld generated if configured), then its task."""
+    del workdir
     inputs.prepare_shapesworld(config)
-    task = ClipTask(config)
-    keep = kwargs.get("keep_state", True)
-    kwargs["keep_state"] = True
-    result = loop_lib.train(config, workdir, task, **kwargs)
-    if result.preempted or result.step < int(config.total_steps):
-        return result
-    model = state_lib.host_model(result.graphdef, result.state)
-    export_model(model, result.step, os.path.join(workdir, "export"))
-    if config.data.val and jax.process_index() == 0:
-        # Process 0 evaluates the whole model on its first device; the others wait.
-        _, params, rest = split_lib.split_model(model)
-        with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
-            ev = evaluate_retrieval(
-                task,
-                result.graphdef,
-                jax.device_put({"params": params, "rest": rest}, jax.local_devices()[0]),
-                config.data.val,
-                int(config.data.batch_size),
-            )
-        if ev:
-            print(
-                f"val retrieval (batches of {int(config.data.batch_size)}): "
-                f"image->text {ev['val_i2t_top1']:.3f}, text->image {ev['val_t2i_top1']:.3f}",
-                flush=True,
-            )
-            result.metrics.update(ev)
-    parallel.sync_processes("clip_evaluated")
-    if not keep:
-        result.state = result.graphdef = None
-    return result
+    return ClipTask(config, clip_config)
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, keep_state: bool = True, **kwargs
+) -> loop_lib.TrainResult:
+    """Trains image-level CLIP (`config.mode == 'clip'`); at the end exports the model to
+    `workdir/export` (save_clip format) and evaluates val retrieval (`run.run_task`)."""
+    return run_lib.run_task(config, workdir, make_task, keep_state=keep_state, **kwargs)

@@ -39,17 +39,25 @@ import numpy as np
 from flax import nnx
 
 from regionclip_jax import config as config_lib
-from regionclip_jax import parallel
 from regionclip_jax.convert import rpn as rpn_format
+from regionclip_jax.convert.regionclip import load_mask_head, load_regionclip
+from regionclip_jax.convert.torch_files import load_state_dict_file
 from regionclip_jax.data import inputs
 from regionclip_jax.data.detection_pipeline import detection_batch_spec
+from regionclip_jax.data.pipeline import ShardSource
+from regionclip_jax.data.shards import open_shards
 from regionclip_jax.eval import detection as detection_eval
+from regionclip_jax.eval.coco import format_table
 from regionclip_jax.models import split as split_lib
+from regionclip_jax.models.clip import CLIP, build_visual
+from regionclip_jax.models.detector import MaskHead, OVDFastRCNN
 from regionclip_jax.models.layers import DTYPES
 from regionclip_jax.models.normalize import clip_normalize
+from regionclip_jax.models.presets import CLIPConfig
 from regionclip_jax.text.embeddings import clip_text_embeddings
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import optim
+from regionclip_jax.train import run as run_lib
 from regionclip_jax.train import state as state_lib
 
 
@@ -73,37 +81,42 @@ class DetectionModel(nnx.Module):
 class DetectionTask:
     """`loop.Task` for Fast R-CNN fine-tuning with a text-embedding classifier."""
 
-    def __init__(self, config: ml_collections.ConfigDict, data: inputs.DetectionData):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        data: inputs.DetectionData,
+        clip_config: CLIPConfig | None = None,
+    ):
+        """`clip_config`: the run's model config (`config.validate` returns it); None reads it."""
         self.config = config
-        self.t = config.detect
+        self.detect = config.detect  # this mode's section of the config
         self.data = data
-        self.clip_config = config_lib.clip_config(config)
+        self.clip_config = clip_config or config_lib.clip_config(config)
         self.dtype = DTYPES[config.model.dtype]
         self.canvas = tuple(int(x) for x in config.data.canvas)
-        self.rpn_spec = (
-            config_lib.rpn_spec_from_init(str(self.t.rpn_init), config)
-            if self.t.proposals == "rpn"
+        self.rpn_arch = (
+            config_lib.rpn_arch_from_init(str(self.detect.rpn_init), config, self.clip_config)
+            if self.detect.proposals == "rpn"
             else None
         )
+        # Zero-shot evaluation (`detect.eval_only`): `run.run_task` evaluates the initial weights.
+        self.trains = not bool(self.detect.eval_only)
         self.init_weights: dict[str, Any] = {}
 
     # -- model ---------------------------------------------------------------------------------
 
     def build_model(self, rngs: nnx.Rngs) -> DetectionModel:
-        from regionclip_jax.models.clip import build_visual
-        from regionclip_jax.models.detector import OVDFastRCNN
-
         visual = build_visual(self.clip_config, dtype=self.dtype, rngs=rngs)
         detector = OVDFastRCNN(
             visual,
             num_train_classes=len(self.data.train_ids),
             num_test_classes=len(self.data.test_ids),
-            temperature=float(self.t.temperature),
-            pooler_resolution=int(self.t.pooler_resolution) or None,
-            mask_head=bool(self.t.mask_on),
+            temperature=float(self.detect.temperature),
+            pooler_resolution=int(self.detect.pooler_resolution) or None,
+            mask_head=bool(self.detect.mask_on),
             rngs=rngs,
         )
-        rpn = None if self.rpn_spec is None else rpn_format.build_rpn(self.rpn_spec, rngs)
+        rpn = None if self.rpn_arch is None else rpn_format.build_rpn(self.rpn_arch, rngs)
         return DetectionModel(detector, rpn)
 
     def proposals(self, model: DetectionModel, batch: dict[str, jax.Array]):
@@ -114,7 +127,7 @@ class DetectionTask:
     # -- loop.Task -----------------------------------------------------------------------------
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
-        threshold = float(self.t.repeat_threshold)
+        threshold = float(self.detect.repeat_threshold)
         return inputs.training_dataset(
             self.config,
             self.data.train_category_map(),
@@ -126,13 +139,13 @@ class DetectionTask:
     def batch_spec(self, global_batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
         # With `detect.mask_on` the pipeline yields the instance masks (`training_dataset`):
         # `gt_masks` at `detect.mask_scale` of the canvas and `mask_valid`.
-        mask_on = bool(self.t.mask_on)
+        mask_on = bool(self.detect.mask_on)
         spec = detection_batch_spec(
             batch_size=global_batch,
             canvas=self.canvas,
-            max_boxes=int(self.t.max_boxes),
+            max_boxes=int(self.detect.max_boxes),
             normalize=False,
-            mask_scale=float(self.t.mask_scale) if mask_on else None,
+            mask_scale=float(self.detect.mask_scale) if mask_on else None,
         )
         keys = ["images", "image_hw", "boxes", "box_mask", "labels"]
         if mask_on:
@@ -144,18 +157,18 @@ class DetectionTask:
         image_hw = batch["image_hw"]
         proposals, _, valid = self.proposals(model, batch)
         images = clip_normalize(batch["images"], image_hw).astype(self.dtype)
-        t = self.t
+        detect = self.detect
         # Instance masks (`gt_masks [B, R, Hm, Wm]` at `detect.mask_scale` of the canvas,
         # `mask_valid [B, R]`): the targets are detectron2's `BitMasks.crop_and_resize` of them;
         # instances without a mask (mask_valid False) get no mask loss. Explicit fallback: a
         # batch without `gt_masks` (a pipeline built without `mask_scale`) trains the mask head
         # on box-filled targets (`models.detector`, module docstring).
         masks = {}
-        if t.mask_on and "gt_masks" in batch:
+        if detect.mask_on and "gt_masks" in batch:
             masks = dict(
                 gt_masks=batch["gt_masks"],
                 mask_valid=batch.get("mask_valid"),
-                mask_scale=float(t.mask_scale),
+                mask_scale=float(detect.mask_scale),
             )
         loss, metrics = model.detector.training_losses(
             images,
@@ -166,13 +179,13 @@ class DetectionTask:
             jnp.where(batch["box_mask"], batch["labels"], -1),
             batch["box_mask"],
             rng,
-            mode=str(t.task),
-            rois_per_image=int(t.rois_per_image),
-            positive_fraction=float(t.positive_fraction),
-            iou_threshold=float(t.iou_threshold),
-            bg_weight=None if float(t.bg_weight) < 0 else float(t.bg_weight),
-            focal_gamma=None if float(t.focal_gamma) < 0 else float(t.focal_gamma),
-            freeze_at=int(t.freeze_at),
+            mode=str(detect.task),
+            rois_per_image=int(detect.rois_per_image),
+            positive_fraction=float(detect.positive_fraction),
+            iou_threshold=float(detect.iou_threshold),
+            bg_weight=None if float(detect.bg_weight) < 0 else float(detect.bg_weight),
+            focal_gamma=None if float(detect.focal_gamma) < 0 else float(detect.focal_gamma),
+            freeze_at=int(detect.freeze_at),
             **masks,
         )
         metrics["num_proposals"] = jnp.mean(jnp.sum(valid.astype(jnp.float32), axis=1))
@@ -188,13 +201,9 @@ class DetectionTask:
         initialises the mask head (`convert.regionclip.load_mask_head`); without one the mask
         head keeps its random init (detectron2's). Both cases print one line.
         """
-        from regionclip_jax.convert.regionclip import load_regionclip
-
-        t = self.t
+        detect = self.detect
         clip = None
         if not self.config.model.init:  # smoke runs: a random CLIP (no pretrained weights)
-            from regionclip_jax.models.clip import CLIP
-
             print("model.init is empty: random weights and a random text tower", flush=True)
             clip = CLIP(self.clip_config, rngs=nnx.Rngs(int(self.config.seed)))
         else:
@@ -203,16 +212,20 @@ class DetectionTask:
             clip = weights.clip
             _, params, rest = split_lib.split_model(clip.visual)
             self.init_weights["visual"] = (params, rest)
-            if t.mask_on:
+            if detect.mask_on:
                 self._load_init_mask_head(init, weights.mask_head)
         self.init_weights["train_embeddings"] = class_embeddings(
-            str(t.train_embeddings), clip, self.data.train_names, str(t.templates), "train"
+            str(detect.train_embeddings),
+            clip,
+            self.data.train_names,
+            str(detect.templates),
+            "train",
         )
         self.init_weights["test_embeddings"] = class_embeddings(
-            str(t.test_embeddings), clip, self.data.test_names, str(t.templates), "test"
+            str(detect.test_embeddings), clip, self.data.test_names, str(detect.templates), "test"
         )
-        if self.rpn_spec is not None:
-            self.init_weights["rpn"] = rpn_format.load_rpn_weights(self.rpn_spec)
+        if self.rpn_arch is not None:
+            self.init_weights["rpn"] = rpn_format.load_rpn_weights(self.rpn_arch)
 
     def _load_init_mask_head(self, init: str, arrays: dict[str, np.ndarray]) -> None:
         if not arrays:
@@ -222,9 +235,6 @@ class DetectionTask:
                 flush=True,
             )
             return
-        from regionclip_jax.convert.regionclip import load_mask_head
-        from regionclip_jax.models.detector import MaskHead
-
         # The detector's head (`build_model`: OVDFastRCNN's mask_conv_dim, detectron2's 256):
         # `load_mask_head` checks every shape against it, naming the key.
         head = MaskHead(int(self.clip_config.vision_width) * 32, 256, rngs=nnx.Rngs(0))
@@ -261,9 +271,25 @@ class DetectionTask:
             rest["detector"][key] = jnp.asarray(emb, jnp.float32)
         if "rpn" in self.init_weights:
             rp, rr = self.init_weights["rpn"]
-            params["rpn"] = state_lib.like(params["rpn"], rp, str(self.t.rpn_init))
-            rest["rpn"] = state_lib.like(rest["rpn"], rr, str(self.t.rpn_init))
+            params["rpn"] = state_lib.like(params["rpn"], rp, str(self.detect.rpn_init))
+            rest["rpn"] = state_lib.like(rest["rpn"], rr, str(self.detect.rpn_init))
         return dict(state, params=params, rest=rest)
+
+    # -- run.run_task hook ----------------------------------------------------------------------
+
+    def evaluate(self, result: loop_lib.TrainResult, workdir: str) -> dict[str, float]:
+        """COCO / LVIS metrics of `result`'s model (`eval.detection.evaluate`), printed as a
+        table: after training under `eval/<step>/` as `eval/<metric>`; zero-shot (untrained,
+        `detect.eval_only`) under `eval/` as they are."""
+        if not self.trains:
+            out_dir = os.path.join(workdir, "eval")
+        else:
+            out_dir = os.path.join(workdir, "eval", str(result.step))
+        metrics = detection_eval.evaluate(self, result.graphdef, result.state, out_dir)
+        _print_metrics(metrics)
+        if not self.trains:
+            return metrics
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
 
 def class_embeddings(
@@ -271,8 +297,6 @@ def class_embeddings(
 ) -> np.ndarray:
     """`[K, D]` float32 class embeddings: from a file, or the CLIP text tower's prompt ensemble."""
     if path:
-        from regionclip_jax.convert.torch_files import load_state_dict_file
-
         if path.endswith(".npy"):
             emb = np.load(path)
         else:  # the original's *_cls_emb.pth: a single tensor (or a dict holding one)
@@ -300,34 +324,24 @@ def class_embeddings(
 # Entry point.
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
-    """Fine-tunes (unless `detect.eval_only`) and evaluates; metrics in `result.metrics`."""
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+def make_task(
+    config: ml_collections.ConfigDict, clip_config: CLIPConfig, workdir: str
+) -> DetectionTask:
+    """Mode `detect`'s side effects (detection data resolved, converted or generated: `inputs.
+    prepare`; the training data checked on process 0), then its task. `config` is validated
+    (`run.run_task`); this fills in its data paths and frozen-parameter patterns."""
     data = inputs.prepare(config, workdir)
     config.data.train = data.train
     config.data.val = data.val
     config.optim.freeze = tuple(config.optim.freeze) + frozen_patterns(int(config.detect.freeze_at))
-    task = DetectionTask(config, data)
+    task = DetectionTask(config, data, clip_config)
     print(
         f"detection: {len(data.train_ids)} train classes, {len(data.test_ids)} test classes "
         f"({sum(c['split'] == 'novel' for c in data.categories)} novel); proposals "
         f"{config.detect.proposals}",
         flush=True,
     )
-    if config.detect.eval_only:
-        task.load_init_weights()
-        with jax.set_mesh(parallel.make_mesh({"data": 1}, jax.local_devices()[:1])):
-            graphdef, params, rest = split_lib.split_model(task.build_model(nnx.Rngs(0)))
-            state = task.initialize(graphdef, {"params": params, "rest": rest})
-        metrics = detection_eval.evaluate(task, graphdef, state, os.path.join(workdir, "eval"))
-        _print_metrics(metrics)
-        return loop_lib.TrainResult(step=0, metrics=metrics, losses={}, seconds=0.0)
-
-    from regionclip_jax.data.pipeline import ShardSource
-    from regionclip_jax.data.shards import open_shards
-
-    if jax.process_index() == 0:
+    if task.trains and jax.process_index() == 0:
         n = inputs.check_training_boxes(
             ShardSource(open_shards(data.train)), data.train_category_map(), str(data.train)
         )
@@ -335,23 +349,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.T
         if config.detect.mask_on:
             m = inputs.check_training_masks(ShardSource(open_shards(data.train)), str(data.train))
             print(f"training images with instance masks: {m}", flush=True)
-    if not loop_lib.has_checkpoint(workdir):
-        task.load_init_weights()
-    kwargs["keep_state"] = True
-    result = loop_lib.train(config, workdir, task, **kwargs)
-    if result.preempted or result.step < int(config.total_steps):
-        return result
-    metrics = detection_eval.evaluate(
-        task, result.graphdef, result.state, os.path.join(workdir, "eval", str(result.step))
-    )
-    _print_metrics(metrics)
-    result.metrics = dict(result.metrics, **{f"eval/{k}": v for k, v in metrics.items()})
-    return result
+    return task
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, keep_state: bool = True, **kwargs
+) -> loop_lib.TrainResult:
+    """Fine-tunes (unless `detect.eval_only`) and evaluates; metrics in `result.metrics`
+    (`run.run_task`)."""
+    return run_lib.run_task(config, workdir, make_task, keep_state=keep_state, **kwargs)
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:
     if not metrics:
         return
-    from regionclip_jax.eval.coco import format_table
-
     print(format_table(metrics), flush=True)

@@ -1,8 +1,9 @@
-"""The train loop shared by every trainer (CLIP, RegionCLIP pretraining, detection).
+"""The train loop shared by every mode (CLIP, RegionCLIP pretraining, detection, RPN).
 
 A trainer is a `Task`: it builds the model, the per-process grain dataset and the loss. The
 loop does the rest, in this order (big_vision's documented resume order: workdir -> init):
-  1. validate the config (before any compile; `config_lib.validate`);
+  1. validate the config (before any compile; `config_lib.validate`), unless the caller did
+     (`train.run.run_task`, the lifecycle of every mode around this loop);
   2. mesh + logical-axis rules from the config;
   3. abstract state via `nnx.eval_shape`, shardings from the parameters' logical axes;
   4. the latest complete checkpoint in `workdir/checkpoints` is restored onto those shardings
@@ -39,6 +40,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 
 from regionclip_jax import config as config_lib
@@ -203,8 +206,6 @@ class PreemptionGuard:
             return self.requested
         if not sync_point:
             return False
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
         return bool(np.any(flags))
 
@@ -221,8 +222,6 @@ def avoid_cpu_multidevice_cache_hang() -> bool:
         return False
     if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
         return False
-    from jax.experimental.compilation_cache import compilation_cache
-
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()
     log.warning(
@@ -324,16 +323,19 @@ def train(
     *,
     stop_after: int | None = None,
     keep_state: bool = False,
+    validated: bool = False,
 ) -> TrainResult:
     """Trains `task` under `config` in `workdir`, resuming from its last checkpoint.
 
     Args:
-      config: the validated-here training config (config_lib.base_config schema).
+      config: the training config (config_lib.base_config schema).
       workdir: checkpoints, TensorBoard events and metrics.jsonl go here.
       task: the trainer (model, data, loss).
       stop_after: stop (with a checkpoint) after this global step even if total_steps is later
         (tests; schedules still follow total_steps).
       keep_state: return the final state and graphdef in the result (evaluation).
+      validated: the caller has validated `config` already (`train.run.run_task` does, once,
+        before its side effects); else it is validated here.
 
     Returns:
       TrainResult.
@@ -347,7 +349,8 @@ def train(
         (a damaged latest one is skipped with a warning while an older one restores).
     """
     t_start = time.perf_counter()
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+    if not validated:
+        config_lib.validate(config, jax.device_count(), jax.process_count())
     avoid_cpu_multidevice_cache_hang()
     is_main = jax.process_index() == 0
     mesh = parallel.mesh_from_config(config)

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 def _scalar(v: Any) -> float:
@@ -92,8 +93,6 @@ class MetricWriter:
         drop_rows_after(path, int(start_step))
         self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             # Only where an earlier run left events: a fresh workdir's file stays plain.
             earlier = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
             purge = int(start_step) + 1 if earlier else None

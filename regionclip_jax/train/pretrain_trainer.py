@@ -43,16 +43,21 @@ import ml_collections
 from flax import nnx
 
 from regionclip_jax import config as config_lib
+from regionclip_jax import parallel
+from regionclip_jax.convert.checkpoint import load_clip, save_clip
+from regionclip_jax.data import concepts as concepts_lib
 from regionclip_jax.data import inputs
 from regionclip_jax.data.pipeline import pretrain_batch_spec
 from regionclip_jax.losses.pretrain import pretrain_losses
 from regionclip_jax.models import split as split_lib
 from regionclip_jax.models.clip import CLIP, build_visual
 from regionclip_jax.models.layers import DTYPES, Frozen
+from regionclip_jax.models.presets import CLIPConfig
 from regionclip_jax.models.region import RegionEncoder, box_mask, global_boxes
 from regionclip_jax.text.embeddings import clip_text_embeddings
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import optim
+from regionclip_jax.train import run as run_lib
 from regionclip_jax.train import state as state_lib
 
 # Parameters the original never updates (spec §4.6), as regexes over '/'-joined paths; the
@@ -115,13 +120,11 @@ def random_boxes(
 def concept_names(config: ml_collections.ConfigDict) -> list[str]:
     """The concept pool: `pretrain.concepts` (a file of `regionclip-jax concepts`, or names
     separated by commas), or, if empty, the frequent nouns of the training captions."""
-    from regionclip_jax.data import concepts as concepts_lib
-
-    spec = str(config.pretrain.concepts)
-    if spec and os.path.exists(spec):
-        return concepts_lib.load_concepts(spec)
-    if spec:
-        return [s.strip() for s in spec.split(",") if s.strip()]
+    setting = str(config.pretrain.concepts)
+    if setting and os.path.exists(setting):
+        return concepts_lib.load_concepts(setting)
+    if setting:
+        return [s.strip() for s in setting.split(",") if s.strip()]
     counts, _ = concepts_lib.count_concepts(concepts_lib.iter_captions([config.data.train]))
     pool = concepts_lib.frequent_concepts(counts, int(config.pretrain.concept_min_count))
     return [name for name, _ in pool]
@@ -130,21 +133,27 @@ def concept_names(config: ml_collections.ConfigDict) -> list[str]:
 class PretrainTask:
     """`loop.Task` for RegionCLIP pretraining."""
 
-    def __init__(self, config: ml_collections.ConfigDict, concepts: list[str]):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        concepts: list[str],
+        clip_config: CLIPConfig | None = None,
+    ):
+        """`clip_config`: the run's model config (`config.validate` returns it); None reads it."""
         self.config = config
-        self.p = config.pretrain
+        self.pretrain = config.pretrain  # this mode's section of the config
         self.concepts = list(concepts)
         if not self.concepts:
             raise ValueError("the concept pool is empty (config.pretrain.concepts)")
-        self.clip_config = config_lib.clip_config(config)
+        self.clip_config = clip_config or config_lib.clip_config(config)
         if not self.clip_config.is_resnet:
             raise ValueError(
                 "mode 'pretrain' needs a ModifiedResNet CLIP (RegionCLIP's region head is res5 + "
                 "attnpool); got a ViT config"
             )
         self.dtype = DTYPES[config.model.dtype]
-        self.freeze_at = int(self.p.freeze_at)
-        self.source = str(self.p.regions)
+        self.freeze_at = int(self.pretrain.freeze_at)
+        self.source = str(self.pretrain.regions)
         self.init_weights: tuple[Any, Any] | None = None
 
     # -- loop.Task ------------------------------------------------------------------------------
@@ -164,7 +173,7 @@ class PretrainTask:
             shard_count,
             train=True,
             boxes=self._boxes_mode(),
-            max_boxes=int(self.p.num_regions),
+            max_boxes=int(self.pretrain.num_regions),
         )
 
     def batch_spec(self, global_batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -173,7 +182,7 @@ class PretrainTask:
             batch_size=global_batch,
             canvas=tuple(int(x) for x in d.canvas),
             boxes=self._boxes_mode(),
-            max_boxes=int(self.p.num_regions),
+            max_boxes=int(self.pretrain.num_regions),
             context_length=int(d.context_length),
         )
         keys = ["images", "tokens", "image_hw"] + (
@@ -187,9 +196,9 @@ class PretrainTask:
             boxes = random_boxes(
                 rng,
                 batch["image_hw"],
-                int(self.p.num_regions),
-                float(self.p.random_min_frac),
-                float(self.p.random_max_frac),
+                int(self.pretrain.num_regions),
+                float(self.pretrain.random_min_frac),
+                float(self.pretrain.random_max_frac),
             )
             return boxes, box_mask(boxes)
         boxes = batch["boxes"].astype(jnp.float32)
@@ -200,15 +209,17 @@ class PretrainTask:
         images = batch["images"].astype(self.dtype)
         boxes, mask = self.regions(batch, rng)
         student = RegionEncoder(
-            model.student.visual, pooler_resolution=self.p.pooler_resolution or None
+            model.student.visual, pooler_resolution=self.pretrain.pooler_resolution or None
         )
-        teacher = RegionEncoder(model.teacher, pooler_resolution=self.p.pooler_resolution or None)
+        teacher = RegionEncoder(
+            model.teacher, pooler_resolution=self.pretrain.pooler_resolution or None
+        )
         all_boxes = jnp.concatenate([boxes, global_boxes(batch["image_hw"])], axis=1)
         feats = student.pool(model.student.visual.trunk(images, self.freeze_at), all_boxes)
         s_regions, s_global = feats[:, :-1], feats[:, -1]
         t_regions = jax.lax.stop_gradient(teacher(images, boxes))
         text = jax.lax.stop_gradient(model.student.encode_text(batch["tokens"]))
-        group = int(self.p.group_size) or None
+        group = int(self.pretrain.group_size) or None
         out = pretrain_losses(
             s_regions.astype(jnp.float32),
             t_regions.astype(jnp.float32),
@@ -217,11 +228,11 @@ class PretrainTask:
             s_global.astype(jnp.float32),
             text.astype(jnp.float32),
             teacher_concept_emb=model.teacher_concept_emb[...],
-            temperature=float(self.p.temperature),
-            teacher_temperature=float(self.p.teacher_temperature),
-            threshold=float(self.p.threshold),
+            temperature=float(self.pretrain.temperature),
+            teacher_temperature=float(self.pretrain.teacher_temperature),
+            threshold=float(self.pretrain.threshold),
             group_size=group,
-            weights=tuple(float(w) for w in self.p.loss_weights),
+            weights=tuple(float(w) for w in self.pretrain.loss_weights),
         )
         total = out.pop("total_loss")
         out["num_regions"] = jnp.sum(mask.astype(jnp.float32))
@@ -234,8 +245,6 @@ class PretrainTask:
         init_dir = str(self.config.model.init)
         if not init_dir:
             return
-        from regionclip_jax.convert.checkpoint import load_clip
-
         clip = load_clip(init_dir, dtype=self.dtype)
         _, clip_params, clip_rest = split_lib.split_model(clip)
         self.init_weights = (clip_params, clip_rest)
@@ -264,34 +273,38 @@ class PretrainTask:
         print(f"concept pool: {len(self.concepts)} concepts ({', '.join(self.concepts[:8])}...)")
         return dict(state, params=params, rest=rest)
 
+    # -- run.run_task hooks ---------------------------------------------------------------------
 
-def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
-    """Region-text pretraining (`config.mode == 'pretrain'`)."""
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-    # Before any data is generated or parsed (`loop.train` validates again, with the data paths).
-    config_lib.validate(config, jax.device_count(), jax.process_count())
-    inputs.prepare_shapesworld(config)
-    if config.pretrain.regions == "rpn":
+    def export(self, result: loop_lib.TrainResult, workdir: str) -> None:
+        """The region-pretrained student to `workdir/export` (`export_student`)."""
+        export_student(result, os.path.join(workdir, "export"))
+
+
+def make_task(
+    config: ml_collections.ConfigDict, clip_config: CLIPConfig, workdir: str
+) -> PretrainTask:
+    """Mode `pretrain`'s side effects (ShapesWorld generated if configured, the concept pool
+    parsed from the captions), then its task. `config` is validated (`run.run_task`)."""
+    del workdir
+    if config.pretrain.regions == "rpn":  # before any data is generated
         raise NotImplementedError(
             "config.pretrain.regions='rpn' (an RPN inside the pretraining step) is not wired; "
             "use 'proposals' (precomputed into the shards with `regionclip-jax add-proposals "
             "--shards IN --out OUT --rpn RPN`), 'random' or 'gt'"
         )
+    inputs.prepare_shapesworld(config)
     config.optim.freeze = tuple(config.optim.freeze) + frozen_patterns(
         int(config.pretrain.freeze_at)
     )
-    names = concept_names(config)
-    task = PretrainTask(config, names)
-    if not loop_lib.has_checkpoint(workdir):
-        task.load_init_weights()
-    keep = kwargs.get("keep_state", False)
-    kwargs["keep_state"] = True
-    result = loop_lib.train(config, workdir, task, **kwargs)
-    if not result.preempted and result.step >= int(config.total_steps):
-        export_student(result, os.path.join(workdir, "export"))
-    if not keep:
-        result.state = result.graphdef = None
-    return result
+    return PretrainTask(config, concept_names(config), clip_config)
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, keep_state: bool = False, **kwargs
+) -> loop_lib.TrainResult:
+    """Region-text pretraining (`config.mode == 'pretrain'`); at the end exports the student to
+    `workdir/export` (`run.run_task`)."""
+    return run_lib.run_task(config, workdir, make_task, keep_state=keep_state, **kwargs)
 
 
 def export_student(result: loop_lib.TrainResult, directory: str) -> None:
@@ -301,9 +314,6 @@ def export_student(result: loop_lib.TrainResult, directory: str) -> None:
     one the student started with. Every process must call it (the parameters are gathered from
     all of them); process 0 writes.
     """
-    from regionclip_jax import parallel
-    from regionclip_jax.convert.checkpoint import save_clip
-
     model = state_lib.host_model(result.graphdef, result.state)
     if jax.process_index() == 0:
         save_clip(model.student, directory, overwrite=True, single_writer=True)

@@ -34,12 +34,15 @@ from flax import nnx
 from regionclip_jax import config as config_lib
 from regionclip_jax import parallel
 from regionclip_jax.convert import rpn as rpn_format
+from regionclip_jax.convert.checkpoint import load_clip
 from regionclip_jax.data import inputs
 from regionclip_jax.data.detection_pipeline import detection_batch_spec
 from regionclip_jax.eval import proposals as proposal_eval
 from regionclip_jax.models import split as split_lib
+from regionclip_jax.models.presets import CLIPConfig
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import optim
+from regionclip_jax.train import run as run_lib
 from regionclip_jax.train import state as state_lib
 
 # ---------------------------------------------------------------------------------------------
@@ -54,18 +57,25 @@ class RPNModel(nnx.Module):
 class RPNTask:
     """`loop.Task` for class-agnostic RPN training on the detection data's train classes."""
 
-    def __init__(self, config: ml_collections.ConfigDict, data: inputs.DetectionData):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        data: inputs.DetectionData,
+        clip_config: CLIPConfig | None = None,
+    ):
+        """`clip_config`: the run's model config (`config.validate` returns it); None reads it
+        (for `rpn.kind = "clip"` only)."""
         self.config = config
         self.data = data
-        self.spec = config_lib.rpn_spec(config)
-        self.spec["freeze_at"] = int(config.rpn.freeze_at)
+        self.arch = config_lib.rpn_arch(config, clip_config)
+        self.arch["freeze_at"] = int(config.rpn.freeze_at)
         self.canvas = tuple(int(x) for x in config.data.canvas)
         ids = data.train_ids if config.rpn.train_classes == "base" else data.test_ids
         self.category_map = {cid: 0 for cid in ids}  # class-agnostic
         self.init_weights: tuple[Any, Any] | None = None
 
     def build_model(self, rngs: nnx.Rngs) -> RPNModel:
-        return RPNModel(rpn_format.build_rpn(self.spec, rngs))
+        return RPNModel(rpn_format.build_rpn(self.arch, rngs))
 
     def dataset(self, shard_index: int, shard_count: int) -> grain.IterDataset:
         return inputs.training_dataset(self.config, self.category_map, shard_index, shard_count)
@@ -92,15 +102,13 @@ class RPNTask:
         return loss, dict(out)
 
     def load_init_weights(self) -> None:
-        if self.spec["kind"] == "clip" and self.config.model.init:
-            from regionclip_jax.convert.checkpoint import load_clip
-
+        if self.arch["kind"] == "clip" and self.config.model.init:
             clip = load_clip(str(self.config.model.init))
             _, params, rest = split_lib.split_model(clip.visual)
             self.init_weights = (params, rest)
-        elif self.spec["kind"] != "clip" and self.spec["init"]:
+        elif self.arch["kind"] != "clip" and self.arch["init"]:
             self.init_weights = rpn_format.load_rpn_weights(
-                dict(self.spec, weights=self.spec["init"])
+                dict(self.arch, weights=self.arch["init"])
             )
 
     def initialize(self, graphdef: Any, state: dict[str, Any]) -> dict[str, Any]:
@@ -108,14 +116,39 @@ class RPNTask:
             return state
         params, rest = state["params"], state["rest"]
         p, r = self.init_weights
-        if self.spec["kind"] == "clip":
+        if self.arch["kind"] == "clip":
             where = str(self.config.model.init)
             params["rpn"]["visual"] = state_lib.like(params["rpn"]["visual"], p, where)
             rest["rpn"]["visual"] = state_lib.like(rest["rpn"]["visual"], r, where)
         else:
-            params["rpn"] = state_lib.like(params["rpn"], p, self.spec["init"])
-            rest["rpn"] = state_lib.like(rest["rpn"], r, self.spec["init"])
+            params["rpn"] = state_lib.like(params["rpn"], p, self.arch["init"])
+            rest["rpn"] = state_lib.like(rest["rpn"], r, self.arch["init"])
         return dict(state, params=params, rest=rest)
+
+    # -- run.run_task hooks ---------------------------------------------------------------------
+
+    def export(self, result: loop_lib.TrainResult, workdir: str) -> None:
+        """`rpn.json` + `params.npz` to `workdir/export` (`convert.rpn.export_rpn`)."""
+        # Collective (every process takes part: parameters may be sharded across processes).
+        host = parallel.gather_to_host(
+            {"params": result.state["params"], "rest": result.state["rest"]}
+        )
+        if jax.process_index() == 0:
+            rpn_format.export_rpn(
+                self.arch,
+                host["params"]["rpn"],
+                host["rest"]["rpn"],
+                os.path.join(workdir, "export"),
+            )
+
+    def evaluate(self, result: loop_lib.TrainResult, workdir: str) -> dict[str, float]:
+        """Proposal recall on the evaluation set (`eval.proposals.proposal_recall`), printed."""
+        del workdir
+        recall = proposal_eval.proposal_recall(self, result.graphdef, result.state)
+        print(
+            "proposal recall: " + ", ".join(f"{k} {v:.1%}" for k, v in recall.items()), flush=True
+        )
+        return {f"eval/{k}": v for k, v in recall.items()}
 
 
 def frozen_patterns(kind: str, freeze_at: int) -> tuple[str, ...]:
@@ -128,32 +161,21 @@ def frozen_patterns(kind: str, freeze_at: int) -> tuple[str, ...]:
     return tuple(out + [rf"^rpn/backbone/res{i + 1}/" for i in range(1, min(freeze_at, 5))])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> loop_lib.TrainResult:
-    """Trains the RPN, exports it to WORKDIR/export and reports its proposal recall."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+def make_task(config: ml_collections.ConfigDict, clip_config: CLIPConfig, workdir: str) -> RPNTask:
+    """Mode `rpn`'s side effects (detection data resolved, converted or generated: `inputs.
+    prepare`), then its task. `config` is validated (`run.run_task`); this fills in its data
+    paths and frozen-parameter patterns."""
     data = inputs.prepare(config, workdir)
     config.data.train, config.data.val = data.train, data.val
     config.optim.freeze = tuple(config.optim.freeze) + frozen_patterns(
         str(config.rpn.kind), int(config.rpn.freeze_at)
     )
-    task = RPNTask(config, data)
-    if not loop_lib.has_checkpoint(workdir):
-        task.load_init_weights()
-    kwargs["keep_state"] = True
-    result = loop_lib.train(config, workdir, task, **kwargs)
-    if result.preempted or result.step < int(config.total_steps):
-        return result
-    # Collective (every process takes part: parameters may be sharded across processes).
-    host = parallel.gather_to_host({"params": result.state["params"], "rest": result.state["rest"]})
-    if jax.process_index() == 0:
-        rpn_format.export_rpn(
-            task.spec,
-            host["params"]["rpn"],
-            host["rest"]["rpn"],
-            os.path.join(workdir, "export"),
-        )
-    recall = proposal_eval.proposal_recall(task, result.graphdef, result.state)
-    print("proposal recall: " + ", ".join(f"{k} {v:.1%}" for k, v in recall.items()), flush=True)
-    result.metrics = dict(result.metrics, **{f"eval/{k}": v for k, v in recall.items()})
-    return result
+    return RPNTask(config, data, clip_config)
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, keep_state: bool = True, **kwargs
+) -> loop_lib.TrainResult:
+    """Trains the RPN, exports it to WORKDIR/export and reports its proposal recall
+    (`run.run_task`)."""
+    return run_lib.run_task(config, workdir, make_task, keep_state=keep_state, **kwargs)

@@ -1,5 +1,6 @@
-"""Helpers for `notebooks/zero_shot_demo.ipynb` (importable, tested through the notebook's test).
+"""Random-weight models for demos and tests (no downloads): the notebook's and the tests' factory.
 
+- `random_clip(config)`: a CLIP (default: the tiny `TINY_CONFIG`) with random weights.
 - `random_checkpoint(dir)`: a tiny CLIP with RANDOM weights saved as a converted checkpoint, so
   the walk-through runs anywhere without downloads (its predictions are chance level).
 - `shapesworld_example(index)`: a rendered ShapesWorld scene with its ground-truth boxes and
@@ -11,7 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from regionclip_jax.convert.checkpoint import METADATA_FILE, save_clip
+from regionclip_jax.data.shapesworld import render_scene
+from regionclip_jax.models import CLIP, CLIPConfig
 
 TINY_CONFIG = dict(
     embed_dim=64,
@@ -32,11 +39,6 @@ def random_clip(config=None, *, seed: int = 0, dtype=None):
     norm scales and BN variances ~ U(0.75, 1.25), other vectors ~ N(0, 0.1). `dtype` is the
     compute dtype (parameters are float32); the same seed gives the same values for any dtype.
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from regionclip_jax.models import CLIP, CLIPConfig
-
     config = config or CLIPConfig(**TINY_CONFIG)
     dtype = jnp.float32 if dtype is None else dtype
     rng = np.random.default_rng(seed)
@@ -60,8 +62,6 @@ def random_checkpoint(directory: str | os.PathLike, *, seed: int = 0) -> Path:
 
     An existing checkpoint at `directory` is reused.
     """
-    from regionclip_jax.convert.checkpoint import METADATA_FILE, save_clip
-
     directory = Path(directory)
     if (directory / METADATA_FILE).is_file():
         return directory.resolve()
@@ -70,8 +70,6 @@ def random_checkpoint(directory: str | os.PathLike, *, seed: int = 0) -> Path:
 
 def shapesworld_example(index: int = 0, *, seed: int = 0, split: str = "val"):
     """(image uint8 [S, S, 3], boxes float32 [N, 4] xyxy, shape names [N]) of one scene."""
-    from regionclip_jax.data.shapesworld import render_scene
-
     scene = render_scene(index, seed=seed, split=split)
     kept = scene.kept
     boxes = np.stack([o.box for o in kept]).astype(np.float32)
