@@ -3,7 +3,6 @@ temperature) and learning on ShapesWorld with the tiny model."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TINY_TRAIN_OVERRIDES
+from helpers import TINY_TRAIN_OVERRIDES, experiment_config
 
 from regionclip_jax.train import clip_trainer
 
@@ -20,12 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(data_dir: str, **overrides):
-    spec = importlib.util.spec_from_file_location(
-        "cfg_clip_sw", REPO / "configs/clip_shapesworld.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"runlocal,data={data_dir}")
+    c = experiment_config("clip_shapesworld", f"runlocal,data={data_dir}")
     c.unlock()
     c.model.overrides.update(TINY_TRAIN_OVERRIDES)
     c.data.context_length = 16

@@ -3,7 +3,6 @@ inconsistent values fail before anything is compiled, with a message naming the 
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import ml_collections
 import pytest
+from helpers import config_module
 
 from regionclip_jax import config as config_lib
 from regionclip_jax.config import ConfigError, validate
@@ -35,7 +35,7 @@ CONFIGS = [
 
 def _load(name: str):
     # configs/ is the package regionclip_jax.configs (pyproject.toml `package-dir`).
-    return importlib.import_module(f"regionclip_jax.configs.{name}")
+    return config_module(name)
 
 
 def test_every_config_file_is_listed():

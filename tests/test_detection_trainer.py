@@ -4,7 +4,6 @@ evaluated with pycocotools, and zero-shot inference with GT boxes runs without t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import experiment_config
 
 from regionclip_jax import config as config_lib
 from regionclip_jax.convert import rpn as rpn_format
@@ -22,10 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(name: str, arg: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return experiment_config(name, arg)
 
 
 @pytest.fixture(scope="module")

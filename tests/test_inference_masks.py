@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import TINY_CLIP as TINY
+from helpers import experiment_config
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -253,8 +254,6 @@ def test_detection_trainer_inits_the_mask_head_from_a_converted_checkpoint(env, 
     """`detect.mask_on` with `model.init` = a converted checkpoint: its mask head (detectron2's
     256 channels) lands in the state (PyTorch layout -> ours); a checkpoint without one keeps the
     random init; a head of another width is an error naming the key."""
-    import importlib.util
-    from pathlib import Path
 
     from flax import nnx
 
@@ -274,11 +273,7 @@ def test_detection_trainer_inits_the_mask_head_from_a_converted_checkpoint(env, 
         if not ckpt.exists():
             w = load_regionclip(plain)
             save_regionclip(RegionCLIPWeights(w.clip, w.heads, mask_head=arrays), ckpt)
-    path = Path(__file__).resolve().parents[1] / "configs" / "zeroshot_coco.py"
-    spec = importlib.util.spec_from_file_location("cfg_zeroshot_coco_masks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("proposals=gt,runlocal")
+    cfg = experiment_config("zeroshot_coco", "proposals=gt,runlocal")
     with cfg.unlocked():
         cfg.model.init = str(ckpt)
         cfg.detect.mask_on = True

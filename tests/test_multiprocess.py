@@ -24,9 +24,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from helpers import config_module  # noqa: E402
 from test_pretrain import tiny_pretrain_config  # noqa: E402
 from test_train_loop import _losses_from_jsonl as _losses  # noqa: E402
-from test_train_loop import apply_changes, load_config_module, tiny_config  # noqa: E402
+from test_train_loop import apply_changes, tiny_config  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -220,7 +221,7 @@ def test_rpn_and_detection_modes_with_two_processes_match_one(tmp_path):
     data = tmp_path / "data"
     runs = {}
     for mode, name in (("rpn", "rpn_shapesworld"), ("detect", "detect_shapesworld")):
-        cfg = load_config_module(name).get_config(f"runlocal,data={data}")
+        cfg = config_module(name).get_config(f"runlocal,data={data}")
         cfg.unlock()
         apply_changes(cfg, {"data.batch_size": 4, "async_checkpointing": False})
         if mode == "rpn":  # parameters sharded across the processes: the export gathers them

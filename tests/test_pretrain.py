@@ -5,7 +5,6 @@ test_losses_pretrain.py; resume-after-SIGKILL for this mode is in test_train_loo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import TINY_TRAIN_OVERRIDES as TINY_MODEL
+from helpers import config_module
 from test_train_loop import apply_changes
 
 from regionclip_jax.config import ConfigError, validate
@@ -30,16 +30,9 @@ from regionclip_jax.train import state as state_lib
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_config_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tiny_pretrain_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
     """pretrain_shapesworld:runlocal with a model that compiles and steps fast on 2 cores."""
-    c = _load_config_module("pretrain_shapesworld").get_config("runlocal")
+    c = config_module("pretrain_shapesworld").get_config("runlocal")
     c.unlock()
     c.model.overrides.update(TINY_MODEL)
     c.data.shapesworld.dir = data_dir

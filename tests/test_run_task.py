@@ -3,10 +3,10 @@ before any side effect, and the model config is built once and passed on."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import experiment_config
 
 from regionclip_jax import config as config_lib
 from regionclip_jax.config import model as model_config_lib
@@ -33,10 +33,7 @@ MODES = {
 
 
 def _config(name: str, arg: str, data_dir: Path):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(arg)
+    cfg = experiment_config(name, arg)
     with cfg.unlocked():
         cfg.data.shapesworld.dir = str(data_dir)
         cfg.data.shapesworld.num_train = 8

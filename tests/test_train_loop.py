@@ -7,7 +7,6 @@ tiny ShapesWorld (generated once per module).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -23,23 +22,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from helpers import TINY_TRAIN_OVERRIDES
+from helpers import TINY_TRAIN_OVERRIDES, config_module
 
 from regionclip_jax.train import clip_trainer, loop, optim
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_config_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tiny_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
     """clip_shapesworld:runlocal shrunk to a model that compiles and steps fast on 2 cores."""
-    c = load_config_module("clip_shapesworld").get_config(f"runlocal,data={data_dir}")
+    c = config_module("clip_shapesworld").get_config(f"runlocal,data={data_dir}")
     c.unlock()
     c.model.overrides.update(TINY_TRAIN_OVERRIDES)
     c.data.shapesworld.dir = data_dir
