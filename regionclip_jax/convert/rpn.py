@@ -24,7 +24,7 @@ from regionclip_jax.convert.detectron2_rpn import infer_rpn_architecture, load_d
 from regionclip_jax.models.clip_rpn import ClipRPN
 from regionclip_jax.models.presets import CLIPConfig
 from regionclip_jax.models.rpn import RPN
-from regionclip_jax.models.split import SplitJit, merge, path_str, split_model
+from regionclip_jax.models.split import SplitJit, path_str, split_model
 
 ARCH_FILE = "rpn.json"
 PARAMS_FILE = "params.npz"
@@ -120,13 +120,16 @@ def load_offline_rpn(
     except ValueError as e:
         raise ValueError(f"rpn {path!r} is not a usable RPN: {e}") from e
     except KeyError as e:  # an rpn.json without an architecture field
-        raise ValueError(f"rpn {path!r} is not a usable RPN: its arch lacks {e}") from e
+        raise ValueError(f"rpn {path!r} is not a usable RPN: its rpn.json lacks {e}") from e
     # The graph only: the weights come from load_rpn_weights (no second random init).
     graphdef, _, _ = split_model(nnx.eval_shape(lambda: build_rpn(arch, nnx.Rngs(0))))
-    rpn = merge(graphdef, *jax.device_put((params, rest)))
     # uint8 may cross to the device (4x less than float32); the RPN takes float 0..255. jit's
     # cache keys on the input shapes: one program per canvas.
-    propose = SplitJit(rpn, lambda m, images, image_hw: m(images.astype(jnp.float32), image_hw))
+    propose = SplitJit.from_parts(
+        graphdef,
+        jax.device_put((params, rest)),
+        lambda m, images, image_hw: m(images.astype(jnp.float32), image_hw),
+    )
     return arch, propose
 
 

@@ -26,13 +26,14 @@ from regionclip_jax.eval.lvis import evaluate_lvis
 from regionclip_jax.eval.masks import paste_masks_rle
 from regionclip_jax.eval.postprocess import detections_from_scores, rescale_to_original
 from regionclip_jax.eval.results import DetectionWriter, read_detections, read_masks
-from regionclip_jax.models import split as split_lib
 from regionclip_jax.models.normalize import clip_normalize
+from regionclip_jax.models.split import SplitJit
 from regionclip_jax.ops.boxes import nonempty
 
 
-def make_predict_fn(task: Any, graphdef: Any):
-    """jitted `(params, rest, batch) -> detections` of the evaluation (class indices 0..K_test-1).
+def make_predict_fn(task: Any, graphdef: Any, parts: tuple[Any, Any]) -> SplitJit:
+    """jitted `batch -> detections` of the evaluation (class indices 0..K_test-1) of the model
+    `(graphdef, parts)` (parts: the (params, rest) of a train state, on one device).
 
     With a mask head (`detect.mask_on`) the detections also carry `mask_probs [B, topk, M, M]`
     float32: the sigmoid of the mask head on the res5 features of the final (post-NMS, top-k)
@@ -45,9 +46,7 @@ def make_predict_fn(task: Any, graphdef: Any):
     """
     t = task.detect
 
-    @jax.jit
-    def predict(params, rest, batch):
-        model = split_lib.merge(graphdef, params, rest)
+    def predict(model, batch):
         image_hw = batch["image_hw"]
         if t.proposals == "gt":
             boxes = batch["boxes"].astype(jnp.float32)
@@ -88,7 +87,7 @@ def make_predict_fn(task: Any, graphdef: Any):
             out["mask_probs"] = jnp.where(out["valid"][..., None, None], mask_probs, 0.0)
         return out
 
-    return predict
+    return SplitJit.from_parts(graphdef, parts, predict)
 
 
 def evaluate(task: Any, graphdef: Any, state: dict[str, Any], out_dir: str) -> dict[str, float]:
@@ -106,7 +105,7 @@ def evaluate(task: Any, graphdef: Any, state: dict[str, Any], out_dir: str) -> d
     """
     t, data = task.detect, task.data
     host = parallel.whole_on_one_device(state)
-    predict = make_predict_fn(task, graphdef)
+    predict = make_predict_fn(task, graphdef, (host["params"], host["rest"]))
     source = ShardSource(open_shards(data.val))
     image_ids = inputs.record_image_ids(source, data.val_json)
     bs = int(t.eval_batch_size)
@@ -130,7 +129,7 @@ def evaluate(task: Any, graphdef: Any, state: dict[str, Any], out_dir: str) -> d
             if limit and seen >= limit:
                 break
             padded, n = inputs.pad_batch({k: batch[k] for k in keys}, bs)
-            out = jax.device_get(predict(host["params"], host["rest"], padded))
+            out = jax.device_get(predict(padded))
             boxes = rescale_to_original(out["boxes"][:n], batch["scale"][:n], batch["orig_hw"][:n])
             cls = np.asarray(out["classes"][:n])
             # detector_postprocess drops boxes left empty by the rescale.

@@ -12,7 +12,7 @@ from regionclip_jax import parallel
 from regionclip_jax.data import inputs
 from regionclip_jax.data.pipeline import ShardSource
 from regionclip_jax.data.shards import open_shards
-from regionclip_jax.models import split as split_lib
+from regionclip_jax.models.split import SplitJit
 from regionclip_jax.ops.boxes import pairwise_iou
 
 
@@ -25,13 +25,13 @@ def proposal_recall(
     splits = data.splits()
     test_ids = data.test_ids
 
-    @jax.jit
-    def best_iou(params, rest, images, image_hw, gt):
-        model = split_lib.merge(graphdef, params, rest)
+    def best_iou_of(model, images, image_hw, gt):
         boxes, _, valid = model.rpn(images.astype(jnp.float32), image_hw)
         boxes, valid = boxes[:, :top_n], valid[:, :top_n]
         ious = jax.vmap(pairwise_iou)(gt, boxes)  # [B, G, P]
         return jnp.max(jnp.where(valid[:, None, :], ious, 0.0), axis=-1)
+
+    best_iou = SplitJit.from_parts(graphdef, (host["params"], host["rest"]), best_iou_of)
 
     ds = inputs.evaluation_dataset(
         task.config, ShardSource(open_shards(data.val)), data.test_category_map()
@@ -45,8 +45,6 @@ def proposal_recall(
             )
             best = np.asarray(
                 best_iou(
-                    host["params"],
-                    host["rest"],
                     padded["images"],
                     padded["image_hw"],
                     padded["boxes"],

@@ -63,18 +63,31 @@ class SplitJit:
       encode = SplitJit(clip, lambda m, ids: m.encode_text(ids))
       emb = encode(ids)            # int32 [B, L] -> float [B, D]
 
+    `SplitJit.from_parts(graphdef, (params, rest), fn)` does the same for a module already split,
+    e.g. the (params, rest) of a train state (the evaluations of the trainers).
+
     Attributes:
-      graphdef, state: the split module (`state` may be replaced, e.g. moved to a device).
+      graphdef, parts: the split module (`parts`: the states `nnx.merge` takes after the graphdef).
     """
 
-    def __init__(self, module: nnx.Module, fn: Callable[..., Any]):
-        self.graphdef, self.state = nnx.split(module)
-        graphdef = self.graphdef
+    def __init__(self, module: Any, fn: Callable[..., Any]):
+        graphdef, state = nnx.split(module)
+        self._build(graphdef, (state,), fn)
 
-        def call(state, *args):
-            return fn(nnx.merge(graphdef, state), *args)
+    @classmethod
+    def from_parts(cls, graphdef: nnx.GraphDef, parts: Sequence[Any], fn: Callable[..., Any]):
+        """`fn(nnx.merge(graphdef, *parts), *args)`, jitted (`parts` passed at every call)."""
+        self = cls.__new__(cls)
+        self._build(graphdef, tuple(parts), fn)
+        return self
+
+    def _build(self, graphdef: nnx.GraphDef, parts: tuple[Any, ...], fn: Callable[..., Any]):
+        self.graphdef, self.parts = graphdef, parts
+
+        def call(parts, *args):
+            return fn(nnx.merge(graphdef, *parts), *args)
 
         self.jitted = jax.jit(call)
 
     def __call__(self, *args: Any) -> Any:
-        return self.jitted(self.state, *args)
+        return self.jitted(self.parts, *args)

@@ -34,10 +34,10 @@ from regionclip_jax import parallel
 from regionclip_jax.convert.checkpoint import save_clip
 from regionclip_jax.data import inputs
 from regionclip_jax.losses.pretrain import image_text_contrastive_loss
-from regionclip_jax.models import split as split_lib
 from regionclip_jax.models.clip import CLIP
 from regionclip_jax.models.layers import DTYPES
 from regionclip_jax.models.presets import CLIPConfig
+from regionclip_jax.models.split import SplitJit
 from regionclip_jax.train import loop as loop_lib
 from regionclip_jax.train import run as run_lib
 from regionclip_jax.train import state as state_lib
@@ -135,16 +135,12 @@ def evaluate_retrieval(
 ) -> dict[str, float]:
     """Image->text and text->image top-1 retrieval within batches of `batch_size` val images
     (one random caption per image; chance = 1 / batch_size). Single-process helper."""
-    params, rest = state["params"], state["rest"]
-
-    @jax.jit
-    def embed(params, rest, batch):
-        return task.embed(split_lib.merge(graphdef, params, rest), batch)
+    embed = SplitJit.from_parts(graphdef, (state["params"], state["rest"]), task.embed)
 
     i2t, t2i, n = 0.0, 0.0, 0
     it = iter(task._dataset(path, batch_size, 0, 1, train=False))
     for batch in it:
-        img, txt = embed(params, rest, {k: batch[k] for k in ("images", "tokens")})
+        img, txt = embed({k: batch[k] for k in ("images", "tokens")})
         i2t += float(_i2t_accuracy(img, txt))
         t2i += float(_i2t_accuracy(txt, img))
         n += 1
