@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import config_module  # noqa: E402
+from helpers import TINY_TRAIN_OVERRIDES, config_module  # noqa: E402
 from test_pretrain import tiny_pretrain_config  # noqa: E402
 from test_train_loop import _losses_from_jsonl as _losses  # noqa: E402
 from test_train_loop import apply_changes, tiny_config  # noqa: E402
@@ -224,6 +224,8 @@ def test_rpn_and_detection_modes_with_two_processes_match_one(tmp_path):
         cfg = config_module(name).get_config(f"runlocal,data={data}")
         cfg.unlock()
         apply_changes(cfg, {"data.batch_size": 4, "async_checkpointing": False})
+        cfg.model.overrides.update(TINY_TRAIN_OVERRIDES)  # compile time is most of each job
+        cfg.data.context_length = TINY_TRAIN_OVERRIDES["context_length"]
         if mode == "rpn":  # parameters sharded across the processes: the export gathers them
             cfg.mesh = {"data": -1, "fsdp": 2}
         cfg.debug.print_memory = False
