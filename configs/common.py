@@ -256,13 +256,13 @@ def paper_detection_config(
         t.repeat_threshold = 0.001
         t.max_boxes = 500  # the original keeps at most 500 GT per image
         t.multiply_rpn_score = True
-        t.rpn_pre_nms_topk = 1000  # FPN: per level
+        c.rpn.pre_nms_topk = 1000  # FPN: per level
         t.mask_on = not eval_only
     if eval_only:
         t.apply_deltas = False  # NO_BOX_DELTA
         t.multiply_rpn_score = proposals == "rpn"
-        t.rpn_nms_thresh = 0.9  # OFFLINE_RPN_NMS_THRESH of the zero-shot configs
-        t.rpn_pre_nms_topk = 1000
+        c.rpn.nms_thresh = 0.9  # OFFLINE_RPN_NMS_THRESH of the zero-shot configs
+        c.rpn.pre_nms_topk = 1000
         t.nms_thresh = 0.5
         t.score_thresh = 0.001 if task == "coco" else (0.02 if proposals == "rpn" else 0.0001)
         t.train_classes = "all"
@@ -299,8 +299,8 @@ def _detection_runlocal(c: ml_collections.ConfigDict, preset: str, name: str) ->
     t.rois_per_image = 32
     t.pooler_resolution = 0
     t.eval_batch_size = 4
-    t.rpn_pre_nms_topk = 200
-    t.rpn_post_nms_topk = 50
+    c.rpn.pre_nms_topk = 200
+    c.rpn.post_nms_topk = 50
     t.max_boxes = 8
     t.mask_on = False
     c.rpn.base_width = 8  # the random "c4" RPN of the smoke run: a narrow R50

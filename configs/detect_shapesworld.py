@@ -130,7 +130,7 @@ def get_config(arg: str | None = None):
         rpn_shapesworld.shapesworld_runlocal(c, a)
         t.rpn_init = "random"
         t.rois_per_image = 16
-        t.rpn_pre_nms_topk = 100
-        t.rpn_post_nms_topk = 20
+        c.rpn.pre_nms_topk = 100
+        c.rpn.post_nms_topk = 20
     c.lock()
     return c

@@ -90,9 +90,9 @@ def shapesworld_detection_data(c, a):
     t.test_size = 128
     t.max_boxes = 8
     t.eval_batch_size = 32
-    t.rpn_pre_nms_topk = 500
-    t.rpn_post_nms_topk = 100
-    t.rpn_nms_thresh = 0.7
+    c.rpn.pre_nms_topk = 500
+    c.rpn.post_nms_topk = 100
+    c.rpn.nms_thresh = 0.7
 
 
 def shapesworld_runlocal(c, a):

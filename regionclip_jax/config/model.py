@@ -32,16 +32,16 @@ def rpn_arch(
 
     `model_config`: `clip_config(config)` when the caller has it (a run computes it once).
     """
-    r, detect = config.rpn, config.detect
+    r = config.rpn
     arch = {
         "kind": str(r.kind),
         "depth": int(r.depth),
         "base_width": int(r.base_width),
         "anchor_sizes": [float(x) for x in r.anchor_sizes],
         "aspect_ratios": [float(x) for x in r.aspect_ratios],
-        "pre_nms_topk": int(detect.rpn_pre_nms_topk),
-        "post_nms_topk": int(detect.rpn_post_nms_topk),
-        "nms_thresh": float(detect.rpn_nms_thresh),
+        "pre_nms_topk": int(r.pre_nms_topk),
+        "post_nms_topk": int(r.post_nms_topk),
+        "nms_thresh": float(r.nms_thresh),
         "init": str(r.init),
     }
     if arch["kind"] == "clip":
@@ -54,15 +54,15 @@ def rpn_arch_from_init(
 ) -> dict[str, Any]:
     """The architecture of a trained RPN: an `rpn` workdir / its export dir, or a detectron2 .pth.
 
-    The test-time settings (pre/post-NMS top-k, NMS threshold) come from `config.detect`.
+    The test-time settings (pre/post-NMS top-k, NMS threshold) come from `config.rpn`.
     `model_config` as in `rpn_arch` (used for path "random" only).
     """
-    detect = config.detect
+    r = config.rpn
     if path == "random":  # smoke runs: an untrained RPN of config.rpn's architecture
         return dict(rpn_arch(config, model_config), weights="")
     return load_rpn_arch(
         path,
-        pre_nms_topk=int(detect.rpn_pre_nms_topk),
-        post_nms_topk=int(detect.rpn_post_nms_topk),
-        nms_thresh=float(detect.rpn_nms_thresh),
+        pre_nms_topk=int(r.pre_nms_topk),
+        post_nms_topk=int(r.post_nms_topk),
+        nms_thresh=float(r.nms_thresh),
     )

@@ -127,9 +127,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.detect.test_embeddings = ""  # [K_test, D] over all classes; "" = from model.init's text tower
     c.detect.proposals = "rpn"  # rpn: the frozen offline RPN of detect.rpn_init | gt: GT boxes
     c.detect.rpn_init = ""  # an `rpn` mode workdir (its export/) or a detectron2 RPN .pth
-    c.detect.rpn_pre_nms_topk = 6000  # offline RPN in eval mode: its test-time settings (spec §5.2)
-    c.detect.rpn_post_nms_topk = 1000
-    c.detect.rpn_nms_thresh = 0.7
     c.detect.rois_per_image = 512
     c.detect.positive_fraction = 0.25
     c.detect.iou_threshold = 0.5
@@ -165,6 +162,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.rpn.aspect_ratios = (0.5, 1.0, 2.0)
     c.rpn.freeze_at = 2
     c.rpn.train_classes = "base"  # the original's OVD RPNs see base boxes only
+    # The RPN's test-time settings (eval mode, spec §5.2): detect's offline RPN (`detect.rpn_init`)
+    # and the proposals whose recall mode `rpn` reports after training.
+    c.rpn.pre_nms_topk = 6000  # candidates per level before NMS
+    c.rpn.post_nms_topk = 1000  # proposals kept after NMS
+    c.rpn.nms_thresh = 0.7
 
     c.debug = ml_collections.ConfigDict()
     c.debug.nan_at_step = 0  # > 0: make the loss and gradients of that update NaN (tests)

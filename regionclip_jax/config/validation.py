@@ -373,9 +373,6 @@ def _check_fields(ck: _Checker) -> dict[str, Any]:
     string(t + "train_classes", CLASS_SETS)
     string(t + "templates", TEMPLATES)
     v[t + "proposals"] = string(t + "proposals", PROPOSAL_SOURCES)
-    integer(t + "rpn_pre_nms_topk", 1)
-    integer(t + "rpn_post_nms_topk", 1)
-    prob(t + "rpn_nms_thresh")
     integer(t + "rois_per_image", 1)
     number(t + "positive_fraction", 0, 1, lo_open=True)
     prob(t + "iou_threshold")
@@ -403,6 +400,9 @@ def _check_fields(ck: _Checker) -> dict[str, Any]:
 
     r = "rpn."
     v[r + "kind"] = string(r + "kind", RPN_KINDS)
+    integer(r + "pre_nms_topk", 1)
+    integer(r + "post_nms_topk", 1)
+    prob(r + "nms_thresh")
     string(r + "init")
     integer(r + "depth", choices=RPN_DEPTHS)
     integer(r + "base_width", 1)
