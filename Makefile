@@ -43,10 +43,8 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
-# worksteal: idle workers take queued tests from the busy one (the multi-process tests take minutes each;
-# a fresh-clone leg 1 ran 12:32 with it against 13:19-13:32 with the default `load`).
 test: lint
-	$(PY) -m pytest -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 # A non-editable install (`pip install .`) into a fresh venv, then the demo from outside the checkout
 # (runlocal size: minutes on a 2-core CPU): configs/ must travel inside the wheel.
