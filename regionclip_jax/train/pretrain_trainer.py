@@ -10,7 +10,7 @@ One step, for a batch of images `[B, Hc, Wc, 3]` with captions:
                     labels are never read), for ShapesWorld and ablations;
        "rpn":       an RPN run inside the step; not wired (fails clearly): precompute the
                     proposals of an offline RPN into the shards instead
-                    (`regionclip-jax add-proposals`, data/proposals.py) and use "proposals";
+                    (`regionclip-jax add-proposals`, inference/proposals.py) and use "proposals";
      plus the global box of each image (`[0, 0, w, h]`, true image size; the original uses the
      padded batch size, which our static canvas would inflate with padding).
   2. the student (trunk -> RoIAlign -> res5 -> attnpool, `models.region.RegionEncoder`) embeds
