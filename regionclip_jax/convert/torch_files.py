@@ -10,7 +10,13 @@ Supported files, recognised by their content (the extension is only a hint):
     training checkpoints), `{'model': sd}` (detectron2 / RegionCLIP), and a `module.` prefix on every
     key (DistributedDataParallel).
   - `.npz` archives (`np.savez`), read without pickle.
-  - `.safetensors` files, when the `safetensors` package is importable.
+  - safetensors files (open_clip's and the Hugging Face hub's `.safetensors`, and what
+    `regionclip-jax export-weights` writes), read with the `safetensors` package (a required
+    dependency), any dtype it stores: float32, float16, bfloat16 (as `ml_dtypes.bfloat16`), ints.
+    safetensors has no magic number; a file is taken for one when its first 8 bytes are a
+    little-endian header length N with 2 <= N <= min(100 MB, file size - 8), followed by a JSON
+    object (`{` ... `}`, space-padded) of N bytes. A file named `*.safetensors` that fails this
+    test is read as one anyway, so that a damaged file gets a message saying what is wrong with it.
 
 torch is imported only for the PyTorch formats. Anything else raises `CheckpointFormatError` with a
 one-line message naming the file and what was expected.
@@ -19,6 +25,7 @@ one-line message naming the file and what was expected.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import warnings
 import zipfile
@@ -34,6 +41,8 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 # Pickle protocol 2+ starts with PROTO (0x80) then the protocol number; torch's legacy format uses 2.
 _PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
+# The safetensors library refuses headers above 100 MB (its MAX_HEADER_SIZE).
+_SAFETENSORS_MAX_HEADER = 100_000_000
 _EXPECTED = (
     "expected a PyTorch checkpoint (.pt/.pth: TorchScript archive or torch.save'd state dict), "
     "an .npz archive or a .safetensors file"
@@ -51,7 +60,7 @@ def load_state_dict_file(
 
     Args:
       path: a TorchScript archive, a `torch.save`d (possibly wrapped) state dict, an `.npz` or a
-        `.safetensors` file.
+        safetensors file (recognised by content, any extension).
       trust_pickle: allow arbitrary Python objects in a `torch.save`d file (`weights_only=False`).
         Only for files from a trusted source: unpickling can execute code. Needed for pickles
         that store NumPy arrays or whole `nn.Module`s instead of tensors.
@@ -63,7 +72,8 @@ def load_state_dict_file(
     Raises:
       FileNotFoundError: no file at `path`.
       CheckpointFormatError: the file is not one of the formats above or holds no tensors.
-      ImportError: a PyTorch file was given and torch is not installed.
+      ImportError: a PyTorch file was given and torch is not installed (or a safetensors file
+        and the safetensors package is missing).
     """
     path = Path(path)
     if not path.exists():
@@ -82,10 +92,14 @@ def load_state_dict_file(
 
     if head[:4] in _ZIP_MAGIC:
         kind = _zip_kind(path)
-    elif head[:2] in _PICKLE_MAGIC:
-        kind = "torch_save"
+    # Before the pickle test: a header length such as 640 (bytes 0x80 0x02 0 0 ...) starts like a
+    # pickle's PROTO opcode, but no pickle goes on with a JSON object of exactly that length.
     elif _looks_like_safetensors(path, head):
         kind = "safetensors"
+    elif head[:2] in _PICKLE_MAGIC:
+        kind = "torch_save"
+    elif path.suffix.lower() == ".safetensors":
+        kind = "safetensors"  # damaged: _load_safetensors says how
     else:
         raise CheckpointFormatError(f"{path} is not a recognised checkpoint; {_EXPECTED}")
 
@@ -119,11 +133,18 @@ def _zip_kind(path: Path) -> str:
 
 
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:
-    # 8-byte little-endian header length, then a JSON object.
+    """8-byte little-endian header length N, then N bytes of JSON object (space-padded)."""
     if len(head) < 9 or head[8:9] != b"{":
         return False
     header_len = int.from_bytes(head[:8], "little")
-    return 0 < header_len <= path.stat().st_size - 8
+    if not 2 <= header_len <= min(_SAFETENSORS_MAX_HEADER, path.stat().st_size - 8):
+        return False
+    # The header's last non-space byte closes the object: a check of the length. (Headers are
+    # kilobytes to a few MB; the padding may be long in files not written by the library.)
+    with open(path, "rb") as f:
+        f.seek(8)
+        header = f.read(header_len)
+    return header.rstrip(b" ").endswith(b"}")
 
 
 def _import_torch(path: Path):
@@ -245,17 +266,68 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     return _strip_module_prefix(out)
 
 
+def _check_safetensors_layout(path: Path) -> None:
+    """Names the usual damage (truncation, a non-JSON header) before the library's terser errors."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointFormatError(
+                f"{path} is not a readable .safetensors file (only {size} bytes, shorter than the "
+                "8-byte header length)"
+            )
+        header_len = int.from_bytes(head, "little")
+        if header_len > _SAFETENSORS_MAX_HEADER:
+            raise CheckpointFormatError(
+                f"{path} is not a readable .safetensors file (its first 8 bytes give a header "
+                f"length of {header_len} bytes, over the format's 100 MB limit)"
+            )
+        if 8 + header_len > size:
+            raise CheckpointFormatError(
+                f"{path} is truncated: its header declares {header_len} bytes, the file has "
+                f"{size - 8} after the length"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(
+            f"{path} is not a readable .safetensors file (its header is not JSON: {_one_line(e)})"
+        ) from e
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(
+            f"{path} is not a readable .safetensors file (its header is not a JSON object)"
+        )
+    ends = [
+        int(v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+        and isinstance(v, dict)
+        and isinstance(v.get("data_offsets"), list)
+        and len(v["data_offsets"]) == 2
+        and isinstance(v["data_offsets"][1], int)
+    ]
+    data = size - 8 - header_len
+    if ends and max(ends) > data:
+        raise CheckpointFormatError(
+            f"{path} is truncated: its tensors need {max(ends)} bytes of data, the file has {data}"
+        )
+
+
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
-        # lazy: safetensors is an optional dependency
+        # lazy: only this format needs it (a required dependency; kept lazy for import time)
         from safetensors.numpy import load_file
     except ImportError as e:
         raise ImportError(
-            f"reading {path} needs the safetensors package: `pip install safetensors`"
+            f"reading {path} needs the safetensors package, a dependency of regionclip_jax that "
+            "is missing here: `pip install safetensors`"
         ) from e
+    _check_safetensors_layout(path)
     try:
+        # numpy names bfloat16 only once ml_dtypes is imported (done at the top of this module).
         out = load_file(str(path))
-    except Exception as e:
+    except Exception as e:  # SafetensorError, or TypeError for a dtype numpy cannot hold
         raise CheckpointFormatError(
             f"{path} is not a readable .safetensors file ({_one_line(e)})"
         ) from e
