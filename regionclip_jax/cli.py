@@ -2,6 +2,7 @@
 
   regionclip-jax convert --input ViT-B-16.pt --output ckpt/vit_b16 [--overwrite]
   regionclip-jax info ckpt/vit_b16
+  regionclip-jax download RN50 --output ckpt/rn50
 
 Each subcommand is one function registered with `@command`; its argument set-up is a second small
 function. Heavy imports (JAX, torch) happen inside the subcommand, so `--help` stays fast.
@@ -83,22 +84,19 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_convert_arguments,
 )
 def _convert(args: argparse.Namespace) -> int:
-    from regionclip_jax.convert.checkpoint import check_destination, read_metadata
-    from regionclip_jax.convert.torch_files import load_state_dict_file
+    from regionclip_jax.convert.checkpoint import read_metadata
+    from regionclip_jax.convert.hub import convert_clip_file
 
-    # Fail before the (possibly long) conversion; save_clip checks again when writing.
-    check_destination(args.output, overwrite=args.overwrite)
-    sd = load_state_dict_file(args.input, trust_pickle=args.trust_pickle)
-
-    from regionclip_jax.convert.checkpoint import save_clip
-    from regionclip_jax.convert.state_dict import clip_from_state_dict, infer_config
-
-    config = infer_config(sd, activation=args.activation)
-    model = clip_from_state_dict(sd, config=config)
-    del sd  # the model holds its own copy; free the host arrays before writing
-    dest = save_clip(model, args.output, overwrite=args.overwrite, source=args.input)
-    print(f"Architecture: {_describe(config)}")
-    print(f"Parameters:   {read_metadata(dest)['param_count']:,}")
+    dest = convert_clip_file(
+        args.input,
+        args.output,
+        overwrite=args.overwrite,
+        activation=args.activation,
+        trust_pickle=args.trust_pickle,
+    )
+    meta = read_metadata(dest)
+    print(f"Architecture: {_describe_dict(meta['config'], meta.get('preset'))}")
+    print(f"Parameters:   {meta['param_count']:,}")
     print(f"Wrote:        {dest}")
     return 0
 
@@ -161,6 +159,68 @@ def _info(args: argparse.Namespace) -> int:
     print("Config:")
     for key, value in cfg.items():
         print(f"  {key}: {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export-weights
+
+
+def _export_weights_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", "-c", required=True, metavar="DIR", help="a converted checkpoint directory"
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="FILE",
+        help="weights file to write (model.safetensors)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["safetensors", "npz"],
+        help="file format (default: npz if FILE ends in .npz, else safetensors)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="cast every floating tensor (default: as stored in the checkpoint)",
+    )
+    p.add_argument(
+        "--naming",
+        choices=["auto", "openai", "regionclip"],
+        default="auto",
+        help="openai: the OpenAI / open_clip CLIP state dict (open_clip's load_state_dict takes it "
+        "with strict=True); regionclip: RegionCLIP's detectron2 names with the box-predictor and "
+        "mask heads; auto (default): regionclip for checkpoints holding RegionCLIP heads",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
+
+
+@command(
+    "export-weights",
+    help="write a converted checkpoint back as PyTorch-named weights (.safetensors or .npz) for "
+    "open_clip / OpenAI CLIP (or detectron2 RegionCLIP)",
+    arguments=_export_weights_arguments,
+)
+def _export_weights(args: argparse.Namespace) -> int:
+    from regionclip_jax.convert.export_weights import export_weights, resolve_naming
+
+    fmt = args.format or ("npz" if args.out.lower().endswith(".npz") else "safetensors")
+    naming = resolve_naming(args.checkpoint, args.naming)
+    out = export_weights(
+        args.checkpoint,
+        args.out,
+        format=fmt,
+        dtype=args.dtype,
+        naming=naming,
+        overwrite=args.overwrite,
+    )
+    described = {"openai": "OpenAI / open_clip CLIP", "regionclip": "RegionCLIP (detectron2)"}
+    print(f"Naming: {described[naming]}")
+    print(f"Dtype:  {args.dtype or 'as stored'}")
+    print(f"Wrote:  {out} ({fmt})")
     return 0
 
 
@@ -285,6 +345,13 @@ def _register_inference_commands() -> None:
             inference.run_classify,
         ),
         (
+            "export",
+            "a shippable detector: checkpoint + RPN + vocabulary as one jax.export program "
+            "(model.jax + model.json; docs/serving.md)",
+            inference.add_export_arguments,
+            inference.run_export,
+        ),
+        (
             "convert-regionclip",
             "convert a RegionCLIP detectron2 .pth into a regionclip_jax checkpoint",
             inference.add_convert_regionclip_arguments,
@@ -301,6 +368,75 @@ def _register_inference_commands() -> None:
 
 
 _register_inference_commands()
+
+
+# ---------------------------------------------------------------------------------------------
+# download
+
+
+def _download_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "name",
+        nargs="?",
+        metavar="NAME|URL",
+        help="RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14, "
+        "ViT-L/14@336px (also openai:RN50, ViT-B-32), a RegionCLIP file name (with --from), or an "
+        "http(s) URL (with --sha256); --list shows them all",
+    )
+    p.add_argument(
+        "--output", "-o", metavar="DIR", help="also write the checkpoint here (default: cache only)"
+    )
+    p.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the file (for a URL)")
+    p.add_argument(
+        "--from",
+        dest="source_file",
+        metavar="FILE",
+        help="convert this file, downloaded by hand, instead of downloading (RegionCLIP's files; "
+        "offline use)",
+    )
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="cache directory (default: $REGIONCLIP_JAX_CACHE or ~/.cache/regionclip_jax)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DIR")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow pickled Python objects in a .pth (RegionCLIP's files need it; trusted files only)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
+    p.add_argument("--list", action="store_true", help="print the known names and exit")
+
+
+@command(
+    "download",
+    help="download pretrained weights by name (OpenAI CLIP; RegionCLIP's files with --from), "
+    "convert them once and cache them; prints the checkpoint directory",
+    arguments=_download_arguments,
+)
+def _download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from regionclip_jax.convert import hub
+
+    if args.list:
+        print(hub.describe_models())
+        return 0
+    if not args.name:
+        raise ValueError("give a model NAME or an http(s) URL (--list shows the names)")
+    dest = hub.download(
+        args.name,
+        args.output,
+        sha256=args.sha256,
+        source_file=args.source_file,
+        cache=Path(args.cache) if args.cache else None,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        trust_pickle=args.trust_pickle,
+    )
+    print(dest)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

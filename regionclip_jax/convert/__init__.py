@@ -7,7 +7,10 @@
   - `regionclip`: RegionCLIP (detectron2) checkpoints -> our CLIP + the detector's head weights;
   - `detectron2_rpn`: the original's RPN `.pth` files -> `models.rpn.RPN`;
   - `rpn`: our RPN file format (`rpn.json` + `params.npz`), `load_offline_rpn`, `build_rpn`;
-  - `checkpoint`: `save_clip(model, dir)`, `load_clip(dir) -> CLIP` (Orbax + `model.json`).
+  - `checkpoint`: `save_clip(model, dir)`, `load_clip(dir) -> CLIP` (Orbax + `model.json`);
+  - `hub`: weights by name (`download("RN50")`: fetched on request, SHA-256-checked, converted once,
+    cached); `load_clip` here is `hub.load_clip`, which also takes `"openai:RN50"`;
+  - `export_weights`: a converted checkpoint back to PyTorch naming (`.safetensors` / `.npz`).
 
 Names are imported lazily so that `regionclip_jax.convert.torch_files` (and the CLI's `--help`)
 do not pay for importing JAX.
@@ -25,7 +28,7 @@ _LAZY = {
     "load_state_dict_file": "regionclip_jax.convert.torch_files",
     "CheckpointFormatError": "regionclip_jax.convert.torch_files",
     "save_clip": "regionclip_jax.convert.checkpoint",
-    "load_clip": "regionclip_jax.convert.checkpoint",
+    "load_clip": "regionclip_jax.convert.hub",  # directories, and names ("openai:RN50")
     "read_metadata": "regionclip_jax.convert.checkpoint",
 }
 

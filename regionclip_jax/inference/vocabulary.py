@@ -5,7 +5,8 @@ prompt templates (`regionclip_jax.text.prompt_ensemble_embeddings`, spec §3), s
 un-normalised ([K, D] float32 .npy; consumers normalise). The cache key is a SHA-256 of the
 checkpoint identity (its `model.json` content and path, which changes whenever it is re-saved),
 the word list (order included) and the templates, so a stale file is never reused. The cache
-directory is `$REGIONCLIP_JAX_CACHE` or `~/.cache/regionclip_jax/text_embeddings`.
+directory is `<root>/text_embeddings`, root `$REGIONCLIP_JAX_CACHE` or `~/.cache/regionclip_jax`
+(the downloaded weights' root too: `convert.hub`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from regionclip_jax.convert.hub import cache_dir
 from regionclip_jax.data.input_files import read_utf8
 from regionclip_jax.text.tokenizer import clean_text
 
@@ -105,10 +107,9 @@ def _looks_like_path(value: str) -> bool:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("REGIONCLIP_JAX_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.cache/regionclip_jax/text_embeddings").expanduser()
+    """`<root>/text_embeddings`, root `$REGIONCLIP_JAX_CACHE` or `~/.cache/regionclip_jax`: the
+    same root as the downloaded weights (`convert.hub.cache_dir`)."""
+    return cache_dir() / "text_embeddings"
 
 
 def checkpoint_identity(directory: str | os.PathLike) -> str:
