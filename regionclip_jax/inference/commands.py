@@ -8,6 +8,9 @@
       --vocabulary words.txt|"cat,dog" --out dets.json      (proposal mode: offline RPN boxes)
   regionclip-jax convert-regionclip --input regionclip_pretrained-cc_rn50.pth --output DIR \
       --trust-pickle
+  regionclip-jax classify ... --format pipeline|coco     (Hugging Face pipeline / COCO results)
+  regionclip-jax export --checkpoint DIR --rpn RPN --vocabulary words.txt|"cat,dog" \
+      --out model.jax [--canvas H W]                     (a jax.export program; docs/serving.md)
   regionclip-jax add-proposals --shards IN --out OUT --rpn RPN_WORKDIR|rpn.pth
 
 Each command is `add_<name>_arguments(parser)` + `run_<name>(args) -> exit code`. Expected
@@ -39,6 +42,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--cache-dir",
         metavar="DIR",
         default="default",
-        help="text-embedding cache (default $REGIONCLIP_JAX_CACHE or ~/.cache/...)",
+        help="text-embedding cache (default $REGIONCLIP_JAX_CACHE/text_embeddings, else ~/.cache/regionclip_jax/text_embeddings; none: no cache)",
     )
 
 
@@ -285,7 +289,29 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
         help="no instance masks even if the checkpoint has a mask head (default: a checkpoint "
         "with one writes each detection's mask as RLE and draws it in --vis)",
     )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="regionclip",
+        help="detections as regionclip (default: boxes xyxy, labels, scores, the per-box "
+        "'regions'), pipeline (Hugging Face zero-shot-object-detection: score, label, box "
+        "{xmin, ymin, xmax, ymax} int pixels) or coco (--out is a COCO results list for "
+        "pycocotools' loadRes: bbox xywh, category_id 1..K in vocabulary order, image_id the "
+        "file name's number when every image name is a number, else 1..N in --image order)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+FORMATS = ("regionclip", "pipeline", "coco")
+
+
+def coco_image_ids(images: Sequence[str]) -> dict[str, int]:
+    """COCO image ids of `classify --format coco`: the number in every file name (COCO's
+    `000000397133.jpg` -> 397133) when all names are distinct numbers, else 1..N in order."""
+    stems = [Path(img).stem for img in images]
+    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return {img: int(s) for img, s in zip(images, stems)}
+    return {img: i + 1 for i, img in enumerate(images)}
 
 
 def _regions(scores, names: list[str]) -> list[dict]:
@@ -312,9 +338,13 @@ class ImagesFailed(ValueError):
 class _Results:
     """`classify --out`, kept on disk as images finish (see the module docstring)."""
 
-    def __init__(self, path: Path, classes: list[str]):
+    def __init__(self, path: Path, classes: list[str], fmt: str = "regionclip"):
         self.path, self.classes = path, list(classes)
         self.jsonl = path.suffix.lower() == ".jsonl"
+        # coco: the file is one flat COCO results list (loadRes), rewritten after every image.
+        self.coco = fmt == "coco"
+        if self.coco and self.jsonl:
+            raise ValueError("--format coco writes one COCO results list: give a .json --out")
         self.results: list[dict] = []
         self.failed: list[dict] = []
         if self.jsonl:
@@ -328,7 +358,9 @@ class _Results:
         self._file.flush()
 
     def _rewrite(self) -> None:
-        doc = {"classes": self.classes, "results": self.results, "failed": self.failed}
+        doc: Any = {"classes": self.classes, "results": self.results, "failed": self.failed}
+        if self.coco:
+            doc = [d for r in self.results for d in r["detections"]]
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, self.path)
@@ -382,7 +414,7 @@ def run_classify(args: argparse.Namespace) -> int:
     elif args.vis:
         check_output(args.vis, "--vis")
     # Written now (no results yet), so a bad --out fails before the model is loaded.
-    results = _Results(out_path, words)
+    results = _Results(out_path, words, args.format)
     try:
         model = _load_model(args)
         names, _ = model.class_embeddings(words)
@@ -419,6 +451,7 @@ def _classify_images(args, model, images, boxes, words, names, vis_dir, results:
         disable=args.quiet or len(images) < 2,
         file=sys.stderr,
     )
+    image_ids = coco_image_ids(images) if args.format == "coco" else {}
     for img in bar:
         try:
             # Proposal mode without boxes; masks when the checkpoint has a mask head.
@@ -438,13 +471,18 @@ def _classify_images(args, model, images, boxes, words, names, vis_dir, results:
             if args.on_error == "stop":
                 break
             continue
-        results.add(
-            {
-                "image": img,
-                "detections": dets.to_dict()["detections"],
-                "regions": _regions(scores, names),
-            }
-        )
+        if args.format == "pipeline":
+            results.add({"image": img, "detections": dets.to_pipeline()})
+        elif args.format == "coco":
+            results.add({"image": img, "detections": dets.to_coco(image_ids[img])})
+        else:
+            results.add(
+                {
+                    "image": img,
+                    "detections": dets.to_dict()["detections"],
+                    "regions": _regions(scores, names),
+                }
+            )
         if args.vis:
             # lazy: a CLI command module; each command loads only what it runs (fast --help)
             from regionclip_jax.inference.preprocess import load_image
@@ -452,6 +490,132 @@ def _classify_images(args, model, images, boxes, words, names, vis_dir, results:
 
             out = vis_dir / f"{Path(img).stem}.png" if vis_dir else Path(args.vis)
             draw_detections(load_image(img), dets, out=out)
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument(
+        "--rpn",
+        metavar="PATH",
+        help="the offline RPN whose proposals are classified (an `rpn` workdir, its export/ "
+        "dir, or a detectron2 RPN .pth); required: the exported program is proposal mode",
+    )
+    p.add_argument(
+        "--rpn-pre-nms-topk",
+        type=int,
+        default=None,
+        help="RPN candidates per level before NMS (default: C4 / CLIP 6000, FPN 1000)",
+    )
+    p.add_argument(
+        "--rpn-post-nms-topk",
+        type=int,
+        default=1000,
+        help="RPN proposals per image, the program's static proposal count (1000)",
+    )
+    p.add_argument("--rpn-nms-thresh", type=float, default=0.9, help="RPN NMS IoU (0.9)")
+    p.add_argument(
+        "--vocabulary",
+        "-v",
+        required=True,
+        help="words file (one per line) or comma-separated words (embeddings baked in)",
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="FILE.jax",
+        help="the serialized program (jax.export); the metadata goes next to it as FILE.json",
+    )
+    p.add_argument("--min-size", type=int, default=800, help="shortest edge after resize")
+    p.add_argument("--max-size", type=int, default=1333, help="longest edge cap")
+    p.add_argument(
+        "--canvas",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="the program's static canvas, multiples of 32 (default: the landscape canvas of "
+        "--min-size / --max-size, ceil32 of each: 800 x 1344)",
+    )
+    p.add_argument("--score-thresh", type=float, default=0.001)
+    p.add_argument("--nms-thresh", type=float, default=0.5)
+    p.add_argument(
+        "--max-dets", type=int, default=100, help="detections per image (padded output length)"
+    )
+    p.add_argument(
+        "--max-candidates",
+        type=int,
+        default=2000,
+        help="(proposal, class) pairs kept before NMS (exact while no more pass the threshold)",
+    )
+    p.add_argument(
+        "--platforms",
+        nargs="+",
+        metavar="P",
+        help="platforms to lower for: cpu cuda rocm tpu (default: this machine's backend)",
+    )
+    p.set_defaults(no_masks=True)  # masks are not exported: do not load a mask head
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """`export_detector` of the checkpoint + RPN; every input is checked before the model loads."""
+    if args.rpn is None:
+        raise ValueError(
+            "export needs --rpn PATH: the exported program detects with an offline RPN's "
+            "proposals (an `rpn` workdir, its export/ dir, or a detectron2 RPN .pth)"
+        )
+    # lazy: a CLI command module; each command loads only what it runs (fast --help)
+    from regionclip_jax.convert.rpn import check_rpn_path
+    from regionclip_jax.inference.export import check_export_settings, metadata_path
+    from regionclip_jax.inference.preprocess import default_canvas
+    from regionclip_jax.inference.vocabulary import parse_vocabulary
+
+    check_rpn_path(args.rpn)
+    words = parse_vocabulary(args.vocabulary)
+    if not 1 <= args.min_size <= args.max_size:
+        raise ValueError(
+            f"need 1 <= --min-size <= --max-size, got {args.min_size}, {args.max_size}"
+        )
+    canvas = tuple(args.canvas or default_canvas(1, 2, args.min_size, args.max_size))
+    check_export_settings(
+        canvas,
+        score_thresh=args.score_thresh,
+        nms_thresh=args.nms_thresh,
+        max_detections=args.max_dets,
+        max_candidates=args.max_candidates,
+        platforms=args.platforms,
+    )
+    out = check_output(args.out)
+    check_output(metadata_path(out), "--out's metadata file")
+    try:
+        import flatbuffers  # noqa: F401  (jax.export's serialization needs it)
+    except ImportError:
+        raise ImportError(
+            "export needs the flatbuffers package (jax.export serialization): "
+            "pip install flatbuffers"
+        ) from None
+    from regionclip_jax.inference.export import export_detector
+
+    model = _load_model(args)
+    path = export_detector(
+        model,
+        words,
+        out,
+        canvas=canvas,
+        score_thresh=args.score_thresh,
+        nms_thresh=args.nms_thresh,
+        max_detections=args.max_dets,
+        max_candidates=args.max_candidates,
+        platforms=args.platforms,
+    )
+    size = path.stat().st_size / 2**20
+    print(
+        f"wrote {path} ({size:.1f} MiB) and {metadata_path(path)}: {len(words)} classes, canvas "
+        f"{canvas[0]}x{canvas[1]}, up to {args.max_dets} detections per image, symbolic batch"
+    )
+    return 0
 
 
 # --------------------------------------------------------------------------- convert-regionclip
@@ -580,6 +744,7 @@ COMMANDS = {
     "embed-text": (add_embed_text_arguments, run_embed_text),
     "region-features": (add_region_features_arguments, run_region_features),
     "classify": (add_classify_arguments, run_classify),
+    "export": (add_export_arguments, run_export),
     "convert-regionclip": (add_convert_regionclip_arguments, run_convert_regionclip),
     "add-proposals": (add_add_proposals_arguments, run_add_proposals),
 }

@@ -174,6 +174,59 @@ class Detections:
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
+    def to_pipeline(self) -> list[dict[str, Any]]:
+        """The detections as Hugging Face transformers' zero-shot-object-detection pipeline returns
+        them: `[{"score": float, "label": str, "box": {"xmin", "ymin", "xmax", "ymax"}}]`, best
+        first.
+
+        As the pipeline (its `box.int()`), box coordinates are int pixels of the original image
+        truncated toward zero (floor, since the boxes lie in the image). No masks.
+        """
+        return [
+            {
+                "score": float(s),
+                "label": self.names[int(k)],
+                "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (int(v) for v in np.trunc(b)))),
+            }
+            for b, s, k in zip(self.boxes, self.scores, self.labels)
+        ]
+
+    def to_coco(
+        self, image_id: int, category_ids: Mapping[str, int] | None = None
+    ) -> list[dict[str, Any]]:
+        """The detections as COCO results (`pycocotools.coco.COCO.loadRes` reads a list of them).
+
+        Args:
+          image_id: the image's COCO id.
+          category_ids: {class name: COCO category id}; None: 1..K in the order of `names`.
+
+        Returns:
+          `[{"image_id", "category_id", "bbox": [x, y, w, h] (float original pixels), "score"}]`,
+          best first; with masks also "segmentation" (the compressed RLE of `masks`).
+
+        Raises:
+          ValueError: a detected class missing from `category_ids`.
+        """
+        if category_ids is None:
+            category_ids = {n: i + 1 for i, n in enumerate(self.names)}
+        missing = sorted({self.names[int(k)] for k in self.labels} - set(category_ids))
+        if missing:
+            raise ValueError(f"category_ids has no id for the class(es) {missing}")
+        out = []
+        for i, (b, s, k) in enumerate(zip(self.boxes, self.scores, self.labels)):
+            x1, y1, x2, y2 = (float(v) for v in b)
+            d = {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[self.names[int(k)]]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(s),
+            }
+            if self.masks is not None:
+                m = self.masks[i]
+                d["segmentation"] = {"size": list(m["size"]), "counts": m["counts"]}
+            out.append(d)
+        return out
+
 
 def _region_features(encoder: RegionEncoder, images: jax.Array, boxes: jax.Array) -> jax.Array:
     """images `[B, Hc, Wc, 3]`, boxes `[B, R, 4]` canvas xyxy -> float32 `[B, R, D]`."""
