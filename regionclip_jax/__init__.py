@@ -4,7 +4,8 @@ The top-level names are imported lazily so that `import regionclip_jax` stays ch
 initialisation) for the command-line tools:
 
   - `tokenize(texts, context_length=77) -> int32[N, 77]`: CLIP BPE tokens.
-  - `load_clip(directory) -> CLIP`: a converted checkpoint (see `regionclip-jax convert`).
+  - `load_clip(directory_or_name) -> CLIP`: a converted checkpoint (`regionclip-jax convert`), or
+    OpenAI's weights by name, `load_clip("openai:RN50")` (downloaded on first use: `convert.hub`).
   - `CLIP`: the two-tower model (`regionclip_jax.models.clip.CLIP`).
 
 The packages and the order in which they may import one another: README "Architecture".
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "tokenize": ("regionclip_jax.text.tokenizer", "tokenize"),
-    "load_clip": ("regionclip_jax.convert.checkpoint", "load_clip"),
+    "load_clip": ("regionclip_jax.convert.hub", "load_clip"),
     "save_clip": ("regionclip_jax.convert.checkpoint", "save_clip"),
     "CLIP": ("regionclip_jax.models.clip", "CLIP"),
 }

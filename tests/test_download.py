@@ -361,7 +361,7 @@ def test_offline_and_http_errors(server, tmp_path, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/clip/models/{'a' * 64}/RN50.npz"
-    with pytest.raises(hub.DownloadError, match=r"could not reach 127\.0\.0\.1"):
+    with pytest.raises(hub.OfflineError, match=r"could not reach 127\.0\.0\.1"):
         hub.download(url, cache=tmp_path, progress=False)
     assert cli.main(["download", url, "--cache", str(tmp_path)]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -370,8 +370,9 @@ def test_offline_and_http_errors(server, tmp_path, capsys):
 
     url, sha = server.serve("gone.npz", b"x")
     server.state["mode"] = "404"
-    with pytest.raises(hub.DownloadError, match="HTTP error 404"):
+    with pytest.raises(hub.DownloadError, match="HTTP error 404") as raised:
         hub.download(url, cache=tmp_path, progress=False)
+    assert not isinstance(raised.value, hub.OfflineError)  # reached: nothing to fall back on
     assert not list((tmp_path / "downloads").iterdir())
 
 
@@ -589,3 +590,40 @@ def test_load_clip_by_name(server, clip_files, by_hand, tmp_path, monkeypatch):
     assert len(server.requests) == 1
     with pytest.raises(FileNotFoundError):
         load_clip("RN50")
+
+
+# ---------------------------------------------------------------------------------------------
+# README "Use": the commands as written there
+
+
+def _readme_use_commands() -> list[list[str]]:
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- use-commands -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def test_readme_use_commands(server, clip_files, tmp_path, monkeypatch, capsys):
+    """README "Use": install, download RN50, classify a photo. The install is the package itself;
+    the last two run verbatim (RN50 served from the local server: a tiny random model)."""
+    from PIL import Image
+
+    commands = _readme_use_commands()
+    assert len(commands) == 3 and commands[0][:2] == ["pip", "install"]
+    assert commands[0][2].startswith("regionclip-jax[torch] @ git+")
+    _register(monkeypatch, server, clip_files, "npz")
+    monkeypatch.setenv("REGIONCLIP_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (480, 640, 3), np.uint8)).save("photo.jpg")
+    for argv in commands[1:]:
+        assert argv[0] == "regionclip-jax"
+        assert cli.main(argv[1:]) == 0, capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "rn50" / "model.json").is_file()
+    result = json.loads((tmp_path / "photo.json").read_text())
+    assert result["classes"] == ["cat", "dog", "sofa", "lamp"]
+    regions = result["results"][0]["regions"]
+    assert [r["box"] for r in regions] == [[40, 60, 380, 420], [400, 90, 620, 400]]
+    assert all(r["label"] in result["classes"] for r in regions)
+    assert Image.open(tmp_path / "photo_boxes.png").size == (640, 480)

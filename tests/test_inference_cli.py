@@ -117,6 +117,29 @@ def test_classify_bad_input_exits_2(env, capsys, change, message):
     assert err[-1].startswith("regionclip-jax classify: error:") and message in err[-1]
 
 
+def test_boxes_given_inline_equal_boxes_from_a_file(env, capsys):
+    tmp, _, common = env
+    argv = [
+        "classify",
+        *common,
+        *SIZE_ARGS,
+        "--image",
+        str(tmp / "a.png"),
+        "--vocabulary",
+        "cat,dog",
+    ]
+    outs = {}
+    for name, boxes in (
+        ("file", str(tmp / "boxes.json")),
+        ("inline", "[[2, 3, 60, 50], [10, 10, 70, 80]]"),
+    ):
+        assert main([*argv, "--boxes", boxes, "--out", str(tmp / f"{name}.json")]) == 0
+        outs[name] = json.loads((tmp / f"{name}.json").read_text())["results"]
+    assert outs["inline"] == outs["file"] and len(outs["file"][0]["regions"]) == 2
+    assert main([*argv, "--boxes", "[[2, 3, 60", "--out", str(tmp / "bad.json")]) == 2
+    assert "--boxes: not valid JSON" in capsys.readouterr().err
+
+
 def test_words_that_embed_identically_are_an_error(env, capsys, monkeypatch):
     """'Cat' and 'cat ' are one class after the tokenizer's cleaning: an error naming both."""
     from regionclip_jax.inference import commands

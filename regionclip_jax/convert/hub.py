@@ -88,6 +88,12 @@ class DownloadError(OSError):
     happened and what to do."""
 
 
+class OfflineError(DownloadError):
+    """The server could not be reached at all (no network, DNS failure, connection refused or
+    timed out before any answer): the one failure after which falling back to something offline
+    is reasonable. A bad file, an HTTP error or a cut transfer is a plain `DownloadError`."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Weights:
     """One downloadable weights file.
@@ -343,7 +349,7 @@ def _download_to(url: str, part: Path, *, progress: bool, _restarted: bool = Fal
         ) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
-        raise DownloadError(
+        raise OfflineError(
             f"could not reach {host} ({reason}); check the network connection, or download "
             f"{url} by other means and rerun with --from FILE"
         ) from None

@@ -98,6 +98,9 @@ def _load_model(args):
 def read_boxes(path: str | os.PathLike, images: Sequence[str]) -> dict[str, list]:
     """boxes.json -> {image path: [[x1, y1, x2, y2], ...]} for each of `images`.
 
+    `path` may also be the JSON itself (a string starting with `[` or `{`), e.g.
+    `--boxes "[[10, 20, 200, 240]]"` on the command line.
+
     Raises:
       ValueError: not UTF-8, empty or not JSON (naming the file and line), a wrong structure, or
         no boxes for one of the images.
@@ -105,7 +108,14 @@ def read_boxes(path: str | os.PathLike, images: Sequence[str]) -> dict[str, list
     # lazy: a CLI command module; each command loads only what it runs (fast --help)
     from regionclip_jax.data.input_files import load_json_file
 
-    data = load_json_file(path, "boxes json")
+    if isinstance(path, str) and path.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--boxes: not valid JSON ({e.msg} at character {e.pos})") from None
+        path = "--boxes"
+    else:
+        data = load_json_file(path, "boxes json")
     if isinstance(data, dict) and "boxes" in data and len(data) == 1:
         data = data["boxes"]
     if isinstance(data, list):
@@ -194,7 +204,7 @@ def add_region_features_arguments(p: argparse.ArgumentParser) -> None:
         "-b",
         required=True,
         metavar="JSON",
-        help="boxes.json: [[x1, y1, x2, y2], ...] in original image pixels",
+        help="boxes.json, or the JSON itself: [[x1, y1, x2, y2], ...] in original image pixels",
     )
     p.add_argument(
         "--out",
@@ -233,7 +243,8 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
         "--boxes",
         "-b",
         metavar="JSON",
-        help="boxes.json (GT / user-box mode); give this or --rpn",
+        help="boxes.json or the JSON itself, e.g. '[[10, 20, 200, 240]]' (GT / user-box mode: "
+        "xyxy original pixels); give this or --rpn",
     )
     mode.add_argument(
         "--rpn",
