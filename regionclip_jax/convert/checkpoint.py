@@ -126,22 +126,30 @@ def save_clip(
             ckptr.save(tmp / PARAMS_DIR, tree)
             ckptr.wait_until_finished()
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if dest.exists():
-            # Swap by two renames: `dest` holds the old or the new checkpoint, never a mix.
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
-            dest.rename(old)
-            try:
-                tmp.rename(dest)
-            except BaseException:
-                old.rename(dest)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
+        replace_directory(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def replace_directory(tmp: Path, dest: Path) -> None:
+    """Renames the finished directory `tmp` (a sibling of `dest`, same filesystem) to `dest`.
+
+    An existing `dest` is swapped out by two renames: `dest` holds the old or the new directory,
+    never a mix, and the old one is deleted only once the new one is in place.
+    """
+    if not dest.exists():
+        tmp.rename(dest)
+        return
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
+    dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        old.rename(dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_destination(directory: str | os.PathLike, *, overwrite: bool) -> Path:

@@ -69,6 +69,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from regionclip_jax.convert.checkpoint import replace_directory
+
 ENV_CACHE = "REGIONCLIP_JAX_CACHE"
 KINDS = ("openai-clip", "regionclip", "regionclip-rpn")
 # Seconds without progress (connect or read) before a download counts as failed.
@@ -526,22 +528,6 @@ def _cached(directory: Path, sha256: str | None) -> bool:
     return _checkpoint_files(directory) and (sha256 is None or meta.get("sha256") == sha256)
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Renames the finished directory `tmp` to `dest` (swapping out an old `dest`)."""
-    if dest.exists():
-        # Two renames: `dest` holds the old or the new checkpoint, never a mix.
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
-        dest.rename(old)
-        try:
-            tmp.rename(dest)
-        except BaseException:
-            old.rename(dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-
-
 def _convert_into(
     w: Weights,
     source: Path,
@@ -572,7 +558,7 @@ def _convert_into(
             "sha256": sha256,
         }
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _replace_dir(tmp, dest)
+        replace_directory(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -681,7 +667,7 @@ def download(
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
         try:
             shutil.copytree(target, tmp)
-            _replace_dir(tmp, out)
+            replace_directory(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
