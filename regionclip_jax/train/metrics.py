@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
 
 
 def _scalar(v: Any) -> float:
@@ -96,6 +95,10 @@ class MetricWriter:
             # Only where an earlier run left events: a fresh workdir's file stays plain.
             earlier = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
             purge = int(start_step) + 1 if earlier else None
+            # lazy: tensorboardX imports torch when it is installed (~1 s per process); only the
+            # process that writes metrics pays for it.
+            from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(logdir=workdir, flush_secs=10, purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
