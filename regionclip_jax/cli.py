@@ -3,6 +3,8 @@
   regionclip-jax convert --input ViT-B-16.pt --output ckpt/vit_b16 [--overwrite]
   regionclip-jax info ckpt/vit_b16
   regionclip-jax download RN50 --output ckpt/rn50
+  regionclip-jax export-weights --checkpoint ckpt/rn50 --out rn50.safetensors
+  regionclip-jax classify | export | ...   (the inference commands: inference/commands.py)
 
 Each subcommand is one function registered with `@command`; its argument set-up is a second small
 function. Heavy imports (JAX, torch) happen inside the subcommand, so `--help` stays fast.
