@@ -102,7 +102,7 @@ def save_clip(
     if source is not None:
         source = Path(source)
         if source_sha256 is None and source.is_file():
-            source_sha256 = _sha256(source)
+            source_sha256 = sha256_file(source)
         source_info = {"file": source.name, "sha256": source_sha256}
     metadata = {
         "format": FORMAT,
@@ -152,12 +152,17 @@ def replace_directory(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_destination(directory: str | os.PathLike, *, overwrite: bool) -> Path:
+def check_destination(
+    directory: str | os.PathLike, *, overwrite: bool, markers: tuple[str, ...] = (METADATA_FILE,)
+) -> Path:
     """The absolute path `save_clip` would write, after checking that it may (no JAX import).
+
+    `markers`: the files that make an existing directory a checkpoint this may replace (the
+    download cache also writes RPNs, marked by `rpn.json`).
 
     Raises:
       FileExistsError: `directory` exists and `overwrite` is False, or it exists and is neither
-        a checkpoint (has `model.json`) nor an empty directory.
+        a checkpoint (has one of `markers`) nor an empty directory.
     """
     dest = Path(directory).expanduser().resolve()
     if not dest.exists():
@@ -166,9 +171,10 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool) -> Path:
         raise FileExistsError(
             f"{dest} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
         )
-    if not dest.is_dir() or not ((dest / METADATA_FILE).exists() or not any(dest.iterdir())):
+    is_checkpoint = any((dest / m).exists() for m in markers)
+    if not dest.is_dir() or not (is_checkpoint or not any(dest.iterdir())):
         raise FileExistsError(
-            f"{dest} exists and is not a regionclip_jax checkpoint (no {METADATA_FILE}); "
+            f"{dest} exists and is not a regionclip_jax checkpoint (no {' / '.join(markers)}); "
             "refusing to replace it"
         )
     return dest
@@ -321,7 +327,8 @@ def _check_shapes(directory: Path, expected: dict[str, Any], stored: dict[str, t
             )
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

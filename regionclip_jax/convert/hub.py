@@ -69,13 +69,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from regionclip_jax.convert.checkpoint import replace_directory
+from regionclip_jax.convert.checkpoint import check_destination, replace_directory, sha256_file
 
 ENV_CACHE = "REGIONCLIP_JAX_CACHE"
 KINDS = ("openai-clip", "regionclip", "regionclip-rpn")
 # Seconds without progress (connect or read) before a download counts as failed.
 TIMEOUT_S = 60.0
 MARKER_FILE = "download.json"
+# What makes a directory a converted checkpoint: a CLIP / RegionCLIP one, or an RPN.
+_MARKERS = ("model.json", "rpn.json")
 # `load_clip("openai:RN50")`: a weights name, not a path.
 NAME_PREFIX = "openai:"
 _CHUNK = 1 << 20
@@ -305,7 +307,7 @@ def fetch(weights: Weights, *, cache: Path | None = None, progress: bool = True)
     downloads.mkdir(parents=True, exist_ok=True)
     dest = downloads / (_cache_stem(weights) + Path(weights.filename).suffix)
     if dest.is_file():
-        if weights.sha256 is None or _sha256_file(dest) == weights.sha256:
+        if weights.sha256 is None or sha256_file(dest) == weights.sha256:
             return dest
         warnings.warn(
             f"{dest} does not have the expected sha256 {weights.sha256}; downloading it again",
@@ -315,7 +317,7 @@ def fetch(weights: Weights, *, cache: Path | None = None, progress: bool = True)
     part = dest.with_name(dest.name + ".part")
     _say(f"Downloading {weights.url}", progress)
     _download_to(weights.url, part, progress=progress)
-    actual = _sha256_file(part)
+    actual = sha256_file(part)
     if weights.sha256 is not None and actual != weights.sha256:
         part.unlink(missing_ok=True)
         raise DownloadError(
@@ -419,14 +421,6 @@ def _user_agent() -> str:
     return f"regionclip-jax/{__version__} (+urllib)"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------- convert
 
 
@@ -515,7 +509,7 @@ def _convert_rpn(source: Path, directory: Path, *, trust_pickle: bool) -> None:
 
 
 def _checkpoint_files(directory: Path) -> bool:
-    return (directory / "model.json").is_file() or (directory / "rpn.json").is_file()
+    return any((directory / m).is_file() for m in _MARKERS)
 
 
 def _cached(directory: Path, sha256: str | None) -> bool:
@@ -564,22 +558,6 @@ def _convert_into(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_output(output: str | os.PathLike, *, overwrite: bool) -> Path:
-    dest = Path(output).expanduser().resolve()
-    if not dest.exists():
-        return dest
-    if not overwrite:
-        raise FileExistsError(
-            f"{dest} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
-    if not dest.is_dir() or not (_checkpoint_files(dest) or not any(dest.iterdir())):
-        raise FileExistsError(
-            f"{dest} exists and is not a regionclip_jax checkpoint (no model.json / rpn.json); "
-            "refusing to replace it"
-        )
-    return dest
-
-
 def _needs_torch(filename: str) -> bool:
     return filename.lower().endswith(_TORCH_SUFFIXES) and importlib.util.find_spec("torch") is None
 
@@ -625,14 +603,18 @@ def download(
     """
     w = resolve(name_or_url, sha256)
     root = Path(cache).expanduser() if cache is not None else cache_dir()
-    out = _check_output(output, overwrite=overwrite) if output is not None else None
+    out = (
+        check_destination(output, overwrite=overwrite, markers=_MARKERS)
+        if output is not None
+        else None
+    )
     target = root / "checkpoints" / _cache_stem(w)
     source = Path(source_file).expanduser() if source_file is not None else None
     expected = w.sha256
     if source is not None:
         if not source.is_file():
             raise FileNotFoundError(errno.ENOENT, "No such file", str(source))
-        actual = _sha256_file(source)
+        actual = sha256_file(source)
         if expected is not None and actual != expected:
             raise DownloadError(
                 f"{source} is not {w.filename}: its sha256 is {actual}, expected {expected}"
@@ -649,7 +631,7 @@ def download(
                     "was downloaded"
                 )
             source = fetch(w, cache=root, progress=progress)
-            expected = w.sha256 or _sha256_file(source)
+            expected = w.sha256 or sha256_file(source)
         assert expected is not None
         _convert_into(
             w,

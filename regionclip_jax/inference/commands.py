@@ -57,13 +57,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--cache-dir",
         metavar="DIR",
         default="default",
-        help="text-embedding cache (default $REGIONCLIP_JAX_CACHE/text_embeddings, else ~/.cache/regionclip_jax/text_embeddings; none: no cache)",
+        help="text-embedding cache (default $REGIONCLIP_JAX_CACHE/text_embeddings, else "
+        "~/.cache/regionclip_jax/text_embeddings; none: no cache)",
     )
 
 
-def _image_args(p: argparse.ArgumentParser) -> None:
+def _resize_args(p: argparse.ArgumentParser, *, canvas_help: str | None = None) -> None:
+    """--min-size / --max-size (RegionCLIP's test-time resize), and --canvas with `canvas_help`."""
     p.add_argument("--min-size", type=int, default=800, help="shortest edge after resize")
     p.add_argument("--max-size", type=int, default=1333, help="longest edge cap")
+    if canvas_help is not None:
+        p.add_argument("--canvas", type=int, nargs=2, metavar=("H", "W"), help=canvas_help)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    _resize_args(p)
     p.add_argument(
         "--clip-boxes",
         action="store_true",
@@ -540,15 +548,10 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE.jax",
         help="the serialized program (jax.export); the metadata goes next to it as FILE.json",
     )
-    p.add_argument("--min-size", type=int, default=800, help="shortest edge after resize")
-    p.add_argument("--max-size", type=int, default=1333, help="longest edge cap")
-    p.add_argument(
-        "--canvas",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="the program's static canvas, multiples of 32 (default: the landscape canvas of "
-        "--min-size / --max-size, ceil32 of each: 800 x 1344)",
+    _resize_args(
+        p,
+        canvas_help="the program's static canvas, multiples of 32 (default: the landscape canvas "
+        "of --min-size / --max-size, ceil32 of each: 800 x 1344)",
     )
     p.add_argument("--score-thresh", type=float, default=0.001)
     p.add_argument("--nms-thresh", type=float, default=0.5)
@@ -702,14 +705,8 @@ def add_add_proposals_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="RPN candidates per level before NMS (default: FPN 1000, C4 / CLIP 6000)",
     )
-    p.add_argument("--min-size", type=int, default=800, help="shortest edge after resizing")
-    p.add_argument("--max-size", type=int, default=1333, help="longest edge cap")
-    p.add_argument(
-        "--canvas",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="one fixed canvas (default: ceil32(min) x ceil32(max) and its transpose)",
+    _resize_args(
+        p, canvas_help="one fixed canvas (default: ceil32(min) x ceil32(max) and its transpose)"
     )
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per RPN call")
     p.add_argument(

@@ -150,7 +150,7 @@ def export_detector(
     encoder = RegionEncoder(model.clip.visual, box_chunk=None)
     # The recognizer's jitted RPN (weights on the device); inside this trace they become
     # constants of the exported program.
-    propose = model._rpn_fn
+    propose = model.rpn_program
     temperature = float(model.temperature)
 
     def program(pixels: jax.Array, image_hw: jax.Array):

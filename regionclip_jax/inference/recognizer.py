@@ -388,6 +388,13 @@ class RegionCLIP:
         return self.rpn_arch is not None
 
     @property
+    def rpn_program(self):
+        """The loaded offline RPN, jitted: `(images float32 [B, Hc, Wc, 3] RGB 0..255, image_hw
+        int32 [B, 2]) -> (boxes [B, P, 4] canvas xyxy, logits [B, P], valid bool [B, P])`, P =
+        `rpn_post_nms_topk`; None without an RPN. `inference.export` traces it into its program."""
+        return self._rpn_fn if self.has_rpn else None
+
+    @property
     def has_mask_head(self) -> bool:
         """Whether `detect` returns instance masks (a mask head is loaded)."""
         return self.mask_head is not None
